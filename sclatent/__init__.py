@@ -1,0 +1,7 @@
+"""sclatent: deep latent-variable models for single-cell counts, AnnData-native."""
+
+__version__ = "0.1.0"
+
+from . import data, datasets, distributions, model, modules, nn  # noqa: E402
+
+__all__ = ["__version__", "data", "datasets", "distributions", "model", "modules", "nn"]

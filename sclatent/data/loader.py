@@ -1,0 +1,227 @@
+"""Minibatches of counts, gathered on the compute device.
+
+The count matrix is held as CSR tensors (``indptr``, ``indices``, ``values``); a minibatch is
+gathered from them by row index with a handful of vectorised tensor ops, giving both the dense
+``(B, G)`` counts the encoder reads and the nonzero coordinates the sparse likelihood uses. When
+the matrix fits on the device it is moved there once and minibatches never touch the host; on
+CPU the host *is* the device. Otherwise the CSR stays on the host and each gathered minibatch is
+copied over (pinned, non-blocking).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .registry import (
+    Registry,
+    check_counts,
+    encode_categorical,
+    encode_continuous,
+    gene_order_for_query,
+    get_count_matrix,
+)
+
+# Fraction of free device memory the resident count matrix may take.
+_DEVICE_MEMORY_FRACTION = 0.5
+
+
+@dataclass
+class MiniBatch:
+    """One minibatch of cells, every tensor on the compute device.
+
+    Attributes
+    ----------
+    counts
+        ``(B, G)`` float32 dense counts.
+    nz_row, nz_col, nz_val
+        ``(nnz,)`` coordinates (int64) and values (float32) of the nonzero counts.
+    library
+        ``(B,)`` total counts per cell.
+    batch_index, label_index
+        ``(B,)`` int64 codes (zeros when no key was registered).
+    categorical_covariates
+        ``(B, K)`` int64 codes.
+    continuous_covariates
+        ``(B, C)`` float32.
+    cell_index
+        ``(B,)`` int64 row of each cell in the source AnnData.
+    """
+
+    counts: torch.Tensor
+    nz_row: torch.Tensor
+    nz_col: torch.Tensor
+    nz_val: torch.Tensor
+    library: torch.Tensor
+    batch_index: torch.Tensor
+    label_index: torch.Tensor
+    categorical_covariates: torch.Tensor
+    continuous_covariates: torch.Tensor
+    cell_index: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.counts.shape[0]
+
+
+def _to_csr(matrix, column_order: np.ndarray | None) -> sp.csr_matrix:
+    """CSR float32 copy of ``matrix`` (dense input converted in row chunks, never whole)."""
+    if column_order is not None:
+        matrix = matrix[:, column_order]
+    if sp.issparse(matrix):
+        csr = sp.csr_matrix(matrix, dtype=np.float32)
+    else:
+        chunks = [sp.csr_matrix(np.asarray(matrix[i : i + 4096], dtype=np.float32)) for i in range(0, matrix.shape[0], 4096)]
+        csr = sp.vstack(chunks, format="csr")
+    csr.sum_duplicates()
+    return csr
+
+
+def resolve_device(accelerator: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given."""
+    if accelerator in ("auto", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator == "gpu":
+        accelerator = "cuda"
+    device = torch.device(accelerator)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"accelerator={accelerator!r} requested but CUDA is not available; use 'cpu' or 'auto'.")
+    return device
+
+
+class CellData:
+    """The cells of a registered AnnData as tensors, ready to be cut into minibatches.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with ``setup_anndata`` (or query data matching ``registry``).
+    registry
+        The registry to read ``adata`` with (the model's, for query data).
+    device
+        Compute device.
+    on_device
+        Keep the CSR matrix on ``device``; ``None`` decides from its size and free memory.
+    validate
+        Check the counts (done already by ``setup_anndata`` for the training data).
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        registry: Registry,
+        device: torch.device | str = "cpu",
+        on_device: bool | None = None,
+        validate: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        matrix, where = get_count_matrix(adata, registry.layer)
+        order = gene_order_for_query(adata, registry)
+        if validate:
+            check_counts(matrix if order is None else matrix[:, order], where, registry.allow_non_integer)
+        csr = _to_csr(matrix, order)
+        self.n_cells, self.n_genes = csr.shape
+        self.nnz = int(csr.nnz)
+        self.on_device = self._decide_on_device(on_device)
+        storage = self.device if self.on_device else torch.device("cpu")
+        self._indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(storage)
+        self._indices = torch.from_numpy(csr.indices.astype(np.int64)).to(storage)
+        self._values = torch.from_numpy(csr.data).to(storage)
+        if not self.on_device and self.device.type == "cuda":
+            self._values = self._values.pin_memory()
+            self._indices = self._indices.pin_memory()
+
+        def obs_tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(self.device)
+
+        zeros = np.zeros(self.n_cells, dtype=np.int64)
+        self.library = obs_tensor(np.asarray(csr.sum(axis=1), dtype=np.float32).ravel())
+        self.batch_index = obs_tensor(
+            encode_categorical(adata, registry.batch_key, registry.batch_categories, "batch_key")
+            if registry.batch_key
+            else zeros
+        )
+        has_labels = registry.labels_key and registry.labels_key in adata.obs.columns
+        self.label_index = obs_tensor(
+            encode_categorical(adata, registry.labels_key, registry.label_categories, "labels_key")
+            if has_labels
+            else zeros
+        )
+        cats = [
+            encode_categorical(adata, k, registry.categorical_covariate_categories[k], "categorical_covariate_keys")
+            for k in registry.categorical_covariate_keys
+        ]
+        self.categorical_covariates = obs_tensor(
+            np.stack(cats, axis=1) if cats else np.zeros((self.n_cells, 0), dtype=np.int64)
+        )
+        self.continuous_covariates = obs_tensor(encode_continuous(adata, registry.continuous_covariate_keys))
+
+    def _decide_on_device(self, on_device: bool | None) -> bool:
+        if on_device is not None or self.device.type != "cuda":
+            return True if on_device is None else on_device
+        needed = self.nnz * 12 + (self.n_cells + 1) * 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return needed < _DEVICE_MEMORY_FRACTION * free
+
+    @property
+    def nonempty_cells(self) -> np.ndarray:
+        """Indices of cells with at least one count."""
+        return np.flatnonzero(self.library.cpu().numpy() > 0)
+
+    def gather(self, cell_index: torch.Tensor) -> MiniBatch:
+        """The minibatch of cells ``cell_index`` (``(B,)`` int64, any device)."""
+        storage = self._indptr.device
+        rows = cell_index.to(storage)
+        start = self._indptr[rows]
+        lengths = self._indptr[rows + 1] - start
+        total = int(lengths.sum())
+        nz_row = torch.repeat_interleave(torch.arange(rows.numel(), device=storage), lengths, output_size=total)
+        # position of each nonzero in the CSR arrays: its row's start + its rank within the row
+        first_of_row = torch.cumsum(lengths, 0) - lengths
+        position = torch.arange(total, device=storage) + torch.repeat_interleave(
+            start - first_of_row, lengths, output_size=total
+        )
+        nz_col = self._indices[position]
+        nz_val = self._values[position]
+        if storage != self.device:
+            nz_row = nz_row.to(self.device, non_blocking=True)
+            nz_col = nz_col.to(self.device, non_blocking=True)
+            nz_val = nz_val.to(self.device, non_blocking=True)
+        cell_index = cell_index.to(self.device)
+        counts = torch.zeros(cell_index.numel(), self.n_genes, device=self.device)
+        counts[nz_row, nz_col] = nz_val
+        return MiniBatch(
+            counts=counts,
+            nz_row=nz_row,
+            nz_col=nz_col,
+            nz_val=nz_val,
+            library=self.library[cell_index],
+            batch_index=self.batch_index[cell_index],
+            label_index=self.label_index[cell_index],
+            categorical_covariates=self.categorical_covariates[cell_index],
+            continuous_covariates=self.continuous_covariates[cell_index],
+            cell_index=cell_index,
+        )
+
+    def iterate(
+        self,
+        cells: np.ndarray | torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[MiniBatch]:
+        """Minibatches over ``cells`` (indices into this data), optionally in a seeded random order."""
+        cells = torch.as_tensor(np.asarray(cells), dtype=torch.int64)
+        if shuffle:
+            cells = cells[torch.randperm(cells.numel(), generator=generator)]
+        cells = cells.to(self.device)
+        n = cells.numel()
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for begin in range(0, stop, batch_size):
+            yield self.gather(cells[begin : begin + batch_size])

@@ -1,0 +1,6 @@
+"""AnnData-facing models: ``setup_anndata`` -> ``Model(adata)`` -> ``train`` -> outputs."""
+
+from ._base import BaseModel
+from .vae import VAE
+
+__all__ = ["BaseModel", "VAE"]

@@ -1,0 +1,324 @@
+"""What every AnnData-facing model shares: registration, data access, save/load, repr.
+
+A model class pairs a registry (what the AnnData looks like) with a pure-torch module (the maths)
+and calls :func:`sclatent.train.fit` to train it. It owns no training loop itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data import CellData, Registry, SetupError, get_registry, resolve_device, setup_anndata
+from ..train import TrainingPlan, fit, split_cells
+
+SAVE_FORMAT_VERSION = 1
+_WEIGHTS = "model.pt"
+_METADATA = "metadata.json"
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """scVI's heuristic: 400 epochs up to 20k cells, fewer for larger data (at least 10)."""
+    return int(max(10, min(400, round(20000 / max(1, n_cells) * 400))))
+
+
+class BaseModel:
+    """Base of the AnnData-facing models.
+
+    Subclasses set ``module_class`` and ``name`` and implement :meth:`_module_kwargs` mapping the
+    registry and the user's hyperparameters to the module's constructor arguments.
+    """
+
+    module_class: type[torch.nn.Module]
+    name: str = "model"
+
+    def __init__(self, adata: ad.AnnData, seed: int = 0, **hyperparameters: Any) -> None:
+        self.registry: Registry = get_registry(adata)
+        self.adata = adata
+        self.hyperparameters = dict(hyperparameters)
+        self.seed = seed
+        torch.manual_seed(seed)
+        self.module = self.module_class(**self._module_kwargs(adata))
+        self.module.eval()
+        self.history: dict[str, list[float]] = {}
+        self.is_trained = False
+        self.train_indices = np.zeros(0, dtype=np.int64)
+        self.validation_indices = np.zeros(0, dtype=np.int64)
+        self._data_cache: tuple[torch.device, CellData] | None = None
+        self._adata_validated = True  # setup_anndata has just checked it
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: ad.AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        allow_non_integer: bool = False,
+    ) -> Registry:
+        """Validate ``adata`` and register where the counts and covariates are.
+
+        See :func:`sclatent.data.setup_anndata`; the only change made to ``adata`` is the
+        registry stored (as JSON) in ``adata.uns["_sclatent_registry"]``.
+        """
+        return setup_anndata(
+            adata,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            allow_non_integer=allow_non_integer,
+        )
+
+    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Constructor arguments of the module; ``adata`` is None when loading saved weights."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- data access
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def var_names(self) -> list[str]:
+        """Genes the model was trained on, in order."""
+        return list(self.registry.var_names)
+
+    def _data(self, adata: ad.AnnData | None = None, on_device: bool | None = None) -> CellData:
+        """Tensors of ``adata`` (default: the training AnnData), validated against the registry."""
+        if adata is None:
+            if self.adata is None:
+                raise SetupError("This model was loaded without an AnnData; pass adata=... to this method.")
+            adata = self.adata
+        if adata is self.adata:
+            # the training data were validated by setup_anndata; cache their tensors per device
+            if self._data_cache is None or self._data_cache[0] != self.device or on_device is not None:
+                data = CellData(adata, self.registry, self.device, on_device, validate=not self._adata_validated)
+                self._data_cache, self._adata_validated = (self.device, data), True
+            return self._data_cache[1]
+        if not isinstance(adata, ad.AnnData):
+            raise SetupError(f"Expected an AnnData, got {type(adata).__name__}.")
+        return CellData(adata, self.registry, self.device, validate=True)
+
+    @staticmethod
+    def _indices(data: CellData, indices) -> np.ndarray:
+        if indices is None:
+            return np.arange(data.n_cells)
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= data.n_cells):
+            raise IndexError(f"indices must lie in [0, {data.n_cells}).")
+        return indices.astype(np.int64)
+
+    def _batches(self, adata: ad.AnnData | None, indices, batch_size: int):
+        """Eval-mode minibatches over ``indices`` of ``adata`` (all cells by default), in order."""
+        data = self._data(adata)
+        self.module.eval()
+        return data.iterate(self._indices(data, indices), batch_size)
+
+    # ----------------------------------------------------------------- training
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        accelerator: str = "auto",
+        train_size: float = 0.9,
+        early_stopping: bool = False,
+        patience: int = 45,
+        kl_warmup_epochs: int | None = None,
+        seed: int | None = None,
+        progress_bar: bool = True,
+        data_on_device: bool | None = None,
+    ) -> BaseModel:
+        """Fit the model on the registered AnnData.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; default ``min(400, 20000 / n_cells * 400)``.
+        batch_size
+            Cells per minibatch.
+        lr, weight_decay
+            Adam settings.
+        accelerator
+            ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
+        train_size
+            Fraction of (non-empty) cells used for training; the rest is held out, monitored each
+            epoch, and available as ``validation_indices`` for held-out likelihoods.
+        early_stopping, patience
+            Stop when the held-out ELBO has not improved for ``patience`` epochs.
+        kl_warmup_epochs
+            Epochs over which the KL weight rises to 1; default ``min(400, max_epochs // 3)``.
+        seed
+            Seed for the split, minibatch order and sampling; default the model's seed.
+        progress_bar
+            Show a tqdm bar.
+        data_on_device
+            Keep the count matrix on the device (default: when it fits).
+
+        Returns
+        -------
+        The model (trained in place), with the per-epoch history in ``model.history``.
+        """
+        device = resolve_device(accelerator)
+        self.module.to(device)
+        data = self._data(on_device=data_on_device)
+        seed = self.seed if seed is None else seed
+        cells = data.nonempty_cells
+        if len(cells) < 2:
+            raise SetupError("Need at least two cells with counts to train.")
+        self.train_indices, self.validation_indices = split_cells(cells, train_size, seed)
+        max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else int(max_epochs)
+        if max_epochs < 1:
+            raise ValueError("max_epochs must be >= 1.")
+        if kl_warmup_epochs is None:
+            kl_warmup_epochs = min(400, max_epochs // 3)
+        plan = TrainingPlan(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            kl_warmup_epochs=kl_warmup_epochs,
+            early_stopping=early_stopping,
+            patience=patience,
+        )
+        history = fit(
+            self.module,
+            data,
+            self.train_indices,
+            self.validation_indices,
+            plan,
+            seed=seed,
+            progress_bar=progress_bar,
+            description=f"Training {type(self).__name__}",
+        )
+        for key, values in history.items():
+            if key == "epoch" and self.history.get("epoch"):
+                offset = self.history["epoch"][-1]
+                values = [v + offset for v in values]
+            self.history.setdefault(key, []).extend(values)
+        self.is_trained = True
+        return self
+
+    # ----------------------------------------------------------------- persistence
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``model.pt`` (state dict) and ``metadata.json`` (registry, settings, history).
+
+        The AnnData itself is not saved; pass it to :meth:`load`.
+        """
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it.")
+        directory.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format_version": SAVE_FORMAT_VERSION,
+            "sclatent_version": __version__,
+            "model_class": type(self).__name__,
+            "hyperparameters": self.hyperparameters,
+            "seed": self.seed,
+            "registry": json.loads(self.registry.to_json()),
+            "history": self.history,
+            "is_trained": self.is_trained,
+            "train_indices": self.train_indices.tolist(),
+            "validation_indices": self.validation_indices.tolist(),
+        }
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        # write to temporary names first so an interrupted save never leaves a half-written model
+        with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as handle:
+            torch.save(state, handle)
+        os.replace(handle.name, directory / _WEIGHTS)
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+            json.dump(metadata, handle, allow_nan=True)
+        os.replace(handle.name, directory / _METADATA)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, adata: ad.AnnData | None = None, accelerator: str = "cpu") -> BaseModel:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        directory
+            The folder written by :meth:`save`.
+        adata
+            AnnData to attach; its genes (and batch categories) must match the saved registry. If it
+            was not set up, the saved registry is applied to it. Without it, methods need an
+            ``adata`` argument.
+        accelerator
+            Device to load onto.
+        """
+        directory = Path(directory)
+        meta_path, weights_path = directory / _METADATA, directory / _WEIGHTS
+        if not meta_path.exists() or not weights_path.exists():
+            raise FileNotFoundError(f"{directory} does not hold a saved sclatent model ({_METADATA} and {_WEIGHTS}).")
+        metadata = json.loads(meta_path.read_text())
+        if metadata.get("format_version") != SAVE_FORMAT_VERSION:
+            raise ValueError(
+                f"Saved model format {metadata.get('format_version')!r} is not supported "
+                f"(this sclatent reads format {SAVE_FORMAT_VERSION})."
+            )
+        if metadata.get("model_class") != cls.__name__:
+            raise TypeError(f"{directory} holds a {metadata.get('model_class')}, not a {cls.__name__}; load it with that class.")
+        registry = Registry.from_json(json.dumps(metadata["registry"]))
+        if adata is not None:
+            _attach_registry(adata, registry)
+        model = cls.__new__(cls)
+        model.registry = registry
+        model.adata = adata
+        model.hyperparameters = metadata["hyperparameters"]
+        model.seed = metadata["seed"]
+        model.module = cls.module_class(**model._module_kwargs(adata))
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        model.module.load_state_dict(state)
+        model.module.to(resolve_device(accelerator))
+        model.module.eval()
+        model.history = {k: list(v) for k, v in metadata["history"].items()}
+        model.is_trained = metadata["is_trained"]
+        model.train_indices = np.asarray(metadata["train_indices"], dtype=np.int64)
+        model.validation_indices = np.asarray(metadata["validation_indices"], dtype=np.int64)
+        model._data_cache = None
+        model._adata_validated = False
+        return model
+
+    def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.module.parameters())
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
+        status = "trained" if self.is_trained else "not trained"
+        if self.history.get("epoch"):
+            status += f" for {self.history['epoch'][-1]} epochs"
+            if self.history.get("validation_elbo"):
+                status += f", held-out ELBO {self.history['validation_elbo'][-1]:.2f} nats/cell"
+        return (
+            f"{type(self).__name__}({settings})\n"
+            f"  data: {self.registry.summary()}\n"
+            f"  module: {type(self.module).__name__} with {n_params:,} parameters on {self.device}\n"
+            f"  status: {status}"
+        )
+
+
+def _attach_registry(adata: ad.AnnData, registry: Registry) -> None:
+    """Check a loaded model's AnnData against the saved registry."""
+    from ..data.registry import REGISTRY_KEY, gene_order_for_query
+
+    gene_order_for_query(adata, registry)  # raises on missing genes
+    if REGISTRY_KEY not in adata.uns:
+        adata.uns[REGISTRY_KEY] = registry.to_json()

@@ -1,0 +1,274 @@
+"""``sclatent.model.VAE``: the scVI-style count VAE for AnnData."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.registry import get_count_matrix
+from ..modules.vae import DISPERSIONS, VAEModule, gaussian_kl
+from ._base import BaseModel
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Run the block with torch's global RNG seeded, restoring its state afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class VAE(BaseModel):
+    """Variational autoencoder for single-cell counts (the scVI model).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`VAE.setup_anndata`.
+    n_latent, n_hidden, n_layers, dropout_rate
+        Latent dimension, hidden width, hidden layers and encoder dropout.
+    dispersion
+        Inverse-dispersion sharing: ``"gene"``, ``"gene-batch"``, ``"gene-label"``, ``"gene-cell"``.
+    gene_likelihood
+        ``"zinb"`` (default), ``"nb"`` or ``"poisson"``.
+    use_observed_library
+        Use the observed log total counts as library size (default) instead of a latent
+        log-normal variable with a per-batch prior.
+    encode_covariates
+        Condition the encoder on batch and covariates (the decoder always is).
+    inject_covariates
+        Feed covariates into every hidden layer rather than only the first.
+    seed
+        Seed of the weight initialisation (and the default seed of ``train``).
+
+    Examples
+    --------
+    >>> import sclatent
+    >>> adata = sclatent.datasets.pbmc68k_counts()
+    >>> sclatent.model.VAE.setup_anndata(adata, labels_key="bulk_labels")
+    >>> model = sclatent.model.VAE(adata)
+    >>> model.train(max_epochs=50)
+    >>> adata.obsm["X_sclatent_vae"] = model.get_latent_representation()
+    """
+
+    module_class = VAEModule
+    name = "vae"
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+        use_observed_library: bool = True,
+        encode_covariates: bool = True,
+        inject_covariates: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
+        super().__init__(
+            adata,
+            seed=seed,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            use_observed_library=use_observed_library,
+            encode_covariates=encode_covariates,
+            inject_covariates=inject_covariates,
+        )
+        if dispersion == "gene-label" and not self.registry.labels_key:
+            raise ValueError("dispersion='gene-label' needs labels: call setup_anndata(adata, labels_key=...).")
+
+    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:
+        reg = self.registry
+        kwargs = dict(
+            n_genes=reg.n_genes,
+            n_batch=reg.n_batch,
+            n_labels=reg.n_labels,
+            n_cats_per_cov=reg.n_cats_per_covariate,
+            n_continuous=len(reg.continuous_covariate_keys),
+            **self.hyperparameters,
+        )
+        if not kwargs["use_observed_library"] and adata is not None:
+            kwargs["library_log_means"], kwargs["library_log_vars"] = _library_prior(adata, reg)
+        return kwargs
+
+    # ----------------------------------------------------------------- outputs
+
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata: ad.AnnData | None = None,
+        indices=None,
+        give_mean: bool = True,
+        batch_size: int = 1024,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Posterior mean (or a sample) of z for each cell.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_vae"]`` for
+        ``sc.pp.neighbors(adata, use_rep="X_sclatent_vae")``.
+        """
+        out = []
+        with seeded(seed):
+            for batch in self._batches(adata, indices, batch_size):
+                inf = self.module.inference(batch)
+                out.append((inf["qz_mean"] if give_mean else inf["z"]).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.module.n_latent), np.float32)
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        indices=None,
+        library_size: float | Literal["latent"] = 1.0,
+        n_samples: int = 1,
+        batch_size: int = 256,
+        return_numpy: bool = False,
+        seed: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Denoised expression: the decoder's mean, averaged over ``n_samples`` posterior draws.
+
+        Parameters
+        ----------
+        library_size
+            A number scales the normalised expression (rows sum to ``library_size``; 1e4 gives
+            counts per 10k); ``"latent"`` returns expected counts at each cell's own library size.
+        n_samples
+            Posterior samples of z to average (1 uses the posterior mean).
+
+        Returns
+        -------
+        ``(n_cells, n_genes)`` DataFrame (cells x genes) or array with ``return_numpy``.
+        """
+        out = []
+        with seeded(seed):
+            for batch in self._batches(adata, indices, batch_size):
+                inf = self.module.inference(batch, n_samples=n_samples)
+                z = inf["qz_mean"] if n_samples == 1 else inf["z"]
+                log_library = inf["ql_mean"] if "ql_mean" in inf and n_samples == 1 else inf["log_library"]
+                gen = self.module.generative(z, log_library, batch)
+                values = torch.exp(gen["log_mu"] if library_size == "latent" else gen["log_scale"])
+                if n_samples > 1:
+                    values = values.mean(0)
+                if library_size != "latent":
+                    values = values * float(library_size)
+                out.append(values.cpu())
+        values = torch.cat(out).numpy()
+        if return_numpy:
+            return values
+        data_obs = (self.adata if adata is None else adata).obs_names
+        rows = data_obs if indices is None else data_obs[self._indices(self._data(adata), indices)]
+        return pd.DataFrame(values, index=rows, columns=self.var_names)
+
+    @torch.no_grad()
+    def get_marginal_ll(
+        self,
+        adata: ad.AnnData | None = None,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size: int = 128,
+        return_mean: bool = True,
+        seed: int | None = 0,
+    ) -> float | np.ndarray:
+        """Importance-sampled marginal log-likelihood log p(x) (nats per cell; higher is better).
+
+        Use ``indices=model.validation_indices`` for the held-out likelihood.
+        """
+        out = []
+        with seeded(seed):
+            for batch in self._batches(adata, indices, batch_size):
+                out.append(self.module.marginal_log_likelihood(batch, n_mc_samples).cpu())
+        values = torch.cat(out).numpy().astype(np.float64)
+        return float(values.mean()) if return_mean else values
+
+    @torch.no_grad()
+    def get_elbo(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0) -> float:
+        """Mean evidence lower bound per cell (nats; one posterior sample per cell)."""
+        total, n = 0.0, 0
+        with seeded(seed):
+            for batch in self._batches(adata, indices, batch_size):
+                out = self.module.loss(batch)
+                total += float(out.elbo.sum())
+                n += batch.size
+        return total / max(1, n)
+
+    @torch.no_grad()
+    def get_reconstruction_error(
+        self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0
+    ) -> float:
+        """Mean negative log-likelihood -log p(x | z) per cell (nats; z sampled from q)."""
+        total, n = 0.0, 0
+        with seeded(seed):
+            for batch in self._batches(adata, indices, batch_size):
+                total += float(self.module.loss(batch).reconstruction.sum())
+                n += batch.size
+        return total / max(1, n)
+
+    @torch.no_grad()
+    def get_kl_divergence(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
+        """Mean KL(q(z|x) || p(z)) per cell (nats)."""
+        total, n = 0.0, 0
+        for batch in self._batches(adata, indices, batch_size):
+            inf = self.module.inference(batch)
+            total += float(gaussian_kl(inf["qz_mean"], inf["qz_var"]).sum())
+            n += batch.size
+        return total / max(1, n)
+
+    @torch.no_grad()
+    def posterior_predictive_sample(
+        self,
+        adata: ad.AnnData | None = None,
+        indices=None,
+        n_samples: int = 1,
+        batch_size: int = 128,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Counts drawn from the posterior predictive: z, l ~ q, then x ~ p(x | z, l).
+
+        Returns
+        -------
+        ``(n_cells, n_genes)`` float32 integer counts, or ``(n_cells, n_genes, n_samples)``.
+        """
+        out = []
+        with seeded(seed):
+            for batch in self._batches(adata, indices, batch_size):
+                out.append(self.module.posterior_predictive(batch, n_samples).permute(1, 2, 0).cpu())
+        samples = torch.cat(out).numpy()
+        return samples[..., 0] if n_samples == 1 else samples
+
+
+def _library_prior(adata: ad.AnnData, registry) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the log library size of the non-empty cells in each batch."""
+    matrix, _ = get_count_matrix(adata, registry.layer)
+    totals = np.asarray(matrix.sum(axis=1)).ravel()
+    if registry.batch_key:
+        from ..data.registry import encode_categorical
+
+        codes = encode_categorical(adata, registry.batch_key, registry.batch_categories, "batch_key")
+    else:
+        codes = np.zeros(adata.n_obs, dtype=np.int64)
+    means, variances = np.zeros(registry.n_batch), np.ones(registry.n_batch)
+    for b in range(registry.n_batch):
+        logs = np.log(totals[(codes == b) & (totals > 0)])
+        if logs.size:
+            means[b] = logs.mean()
+            variances[b] = max(logs.var(), 1e-3)
+    return means, variances

@@ -1,0 +1,263 @@
+"""The scVI generative model as a pure ``torch.nn.Module`` (no AnnData, no training loop).
+
+Generative model, for a cell with batch ``s``::
+
+    z ~ N(0, I)                                   (n_latent)
+    l ~ LogNormal(mu_s, sigma_s^2)  or  l = observed total counts
+    rho = softmax(f(z, s))                        (n_genes, sums to 1)
+    x_g ~ ZINB(l * rho_g, theta_g, pi_g(z, s))    (or NB / Poisson)
+
+Inference: ``q(z | x, s) = N(m(log1p x, s), v(log1p x, s))`` and, for a latent library,
+``q(log l | x, s)`` Gaussian.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.loader import MiniBatch
+from ..distributions import GENE_LIKELIHOODS, count_log_likelihood, sample
+from ..nn import CountDecoder, GaussianEncoder
+from ._base import LossOutput
+
+DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
+
+
+def gaussian_kl(mean: torch.Tensor, var: torch.Tensor, prior_mean=0.0, prior_var=1.0) -> torch.Tensor:
+    """KL(N(mean, var) || N(prior_mean, prior_var)) summed over the last dimension, ``(B,)``."""
+    prior_var = torch.as_tensor(prior_var, dtype=var.dtype, device=var.device)
+    return 0.5 * (
+        torch.log(prior_var / var) + (var + (mean - prior_mean) ** 2) / prior_var - 1.0
+    ).sum(-1)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean, var) -> torch.Tensor:
+    """log N(x | mean, var) summed over the last dimension."""
+    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
+    return (-0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var)).sum(-1)
+
+
+class VAEModule(nn.Module):
+    """scVI-style variational autoencoder for counts.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes ``G``.
+    n_batch, n_labels
+        Numbers of batches and labels (1 when none registered).
+    n_cats_per_cov
+        Category counts of extra categorical covariates.
+    n_continuous
+        Number of continuous covariates.
+    n_latent, n_hidden, n_layers, dropout_rate
+        Architecture of encoder and decoder.
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    use_observed_library
+        Library size observed (log total counts) rather than latent.
+    library_log_means, library_log_vars
+        ``(n_batch,)`` prior of the latent log library per batch.
+    encode_covariates
+        Feed batch and covariates to the encoder (they always go to the decoder).
+    inject_covariates
+        Feed covariates into every hidden layer, not only the first.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_cats_per_cov: list[int] = (),
+        n_continuous: int = 0,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        use_observed_library: bool = True,
+        library_log_means: np.ndarray | None = None,
+        library_log_vars: np.ndarray | None = None,
+        encode_covariates: bool = True,
+        inject_covariates: bool = True,
+    ) -> None:
+        super().__init__()
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
+        if gene_likelihood not in GENE_LIKELIHOODS:
+            raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
+        self.n_genes, self.n_batch, self.n_labels, self.n_latent = n_genes, n_batch, n_labels, n_latent
+        self.dispersion, self.gene_likelihood = dispersion, gene_likelihood
+        self.use_observed_library = use_observed_library
+        self.encode_covariates = encode_covariates
+        cats = [n_batch, *n_cats_per_cov]
+        mlp = dict(n_layers=n_layers, inject_covariates=inject_covariates, n_continuous=n_continuous)
+        enc_mlp = dict(mlp, n_cats_per_cov=cats if encode_covariates else [])
+        if not encode_covariates:
+            enc_mlp["n_continuous"] = 0
+        self.z_encoder = GaussianEncoder(n_genes, n_latent, n_hidden, dropout_rate=dropout_rate, **enc_mlp)
+        if not use_observed_library:
+            self.l_encoder = GaussianEncoder(n_genes, 1, n_hidden, dropout_rate=dropout_rate, **dict(enc_mlp, n_layers=1))
+            if library_log_means is None:
+                library_log_means, library_log_vars = np.zeros(n_batch), np.ones(n_batch)
+            self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32))
+            self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32))
+        heads = ["scale"]
+        if gene_likelihood == "zinb":
+            heads.append("zi_logits")
+        if dispersion == "gene-cell":
+            heads.append("log_theta")
+        self.decoder = CountDecoder(n_latent, n_genes, tuple(heads), n_hidden, n_cats_per_cov=cats, dropout_rate=0.0, **mlp)
+        rows = {"gene": 1, "gene-batch": n_batch, "gene-label": n_labels, "gene-cell": 0}[dispersion]
+        self.log_theta = nn.Parameter(torch.randn(rows, n_genes)) if rows else None
+
+    # -------------------------------------------------------------------- pieces
+
+    @staticmethod
+    def _covariates(batch: MiniBatch) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        cats = [batch.batch_index, *batch.categorical_covariates.unbind(-1)]
+        cont = batch.continuous_covariates if batch.continuous_covariates.shape[-1] else None
+        return cats, cont
+
+    def inference(self, batch: MiniBatch, n_samples: int = 1) -> dict[str, torch.Tensor]:
+        """Posterior parameters and samples.
+
+        Returns ``qz_mean, qz_var`` ``(B, n_latent)``, ``z`` ``(n_samples, B, n_latent)`` (no sample
+        axis when ``n_samples == 1``), ``log_library`` (same leading shape, trailing ``1``) and for
+        a latent library ``ql_mean, ql_var`` ``(B, 1)``.
+        """
+        cats, cont = self._covariates(batch)
+        if not self.encode_covariates:
+            cats, cont = [], None
+        x = torch.log1p(batch.counts)
+        qz_mean, qz_var, z = self.z_encoder(x, cats, cont)
+        out = {"qz_mean": qz_mean, "qz_var": qz_var}
+        if n_samples > 1:
+            z = qz_mean + qz_var.sqrt() * torch.randn((n_samples, *qz_mean.shape), device=z.device, dtype=z.dtype)
+        out["z"] = z
+        if self.use_observed_library:
+            log_library = torch.log(batch.library.clamp(min=1.0)).unsqueeze(-1)
+            out["log_library"] = log_library.expand(n_samples, -1, -1) if n_samples > 1 else log_library
+        else:
+            ql_mean, ql_var, log_library = self.l_encoder(x, cats, cont)
+            if n_samples > 1:
+                log_library = ql_mean + ql_var.sqrt() * torch.randn(
+                    (n_samples, *ql_mean.shape), device=ql_mean.device, dtype=ql_mean.dtype
+                )
+            out.update(ql_mean=ql_mean, ql_var=ql_var, log_library=log_library)
+        return out
+
+    def generative(self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor]:
+        """Likelihood parameters for latent ``z`` (``(..., B, n_latent)``).
+
+        Returns ``log_mu`` (log mean counts), ``log_scale`` (log normalised expression, rows sum to
+        one in probability space), ``theta`` and for ZINB ``zi_logits``, each ``(..., B, G)``
+        (``theta`` may be ``(1, G)``).
+        """
+        cats, cont = self._covariates(batch)
+        lead = z.shape[:-1]
+        if z.dim() > 2:  # flatten the sample axis: the decoder's BatchNorm expects 2-D input
+            cats = [c.expand(*lead).reshape(-1) for c in cats]
+            cont = cont.expand(*lead, -1).reshape(-1, cont.shape[-1]) if cont is not None else None
+            heads = self.decoder(z.reshape(-1, z.shape[-1]), cats, cont)
+            heads = {k: v.reshape(*lead, -1) for k, v in heads.items()}
+        else:
+            heads = self.decoder(z, cats, cont)
+        log_scale = torch.log_softmax(heads["scale"], dim=-1)
+        out = {"log_scale": log_scale, "log_mu": log_scale + log_library, "zi_logits": heads.get("zi_logits")}
+        if self.dispersion == "gene-cell":
+            out["theta"] = torch.exp(heads["log_theta"])
+        elif self.dispersion == "gene":
+            out["theta"] = torch.exp(self.log_theta)
+        else:
+            index = batch.batch_index if self.dispersion == "gene-batch" else batch.label_index
+            out["theta"] = torch.exp(self.log_theta[index])
+        if self.gene_likelihood == "poisson":
+            out["theta"] = None
+        return out
+
+    def _log_likelihood(self, gen: dict[str, torch.Tensor], batch: MiniBatch) -> torch.Tensor:
+        """log p(x | z, l) per cell; ``gen`` tensors may carry a leading sample axis."""
+        log_mu = gen["log_mu"]
+        if log_mu.dim() == 2:
+            return count_log_likelihood(
+                self.gene_likelihood, log_mu, gen["theta"], gen["zi_logits"], batch.nz_row, batch.nz_col, batch.nz_val
+            )
+        n_samples = log_mu.shape[0]
+        n_cells = batch.size
+        # fold samples into the cell axis: sample k of cell b becomes row k * B + b
+        offsets = (torch.arange(n_samples, device=log_mu.device) * n_cells).repeat_interleave(batch.nz_row.numel())
+        theta = gen["theta"]
+        if theta is not None:
+            theta = theta.expand_as(log_mu).reshape(-1, self.n_genes)
+        zi = gen["zi_logits"].reshape(-1, self.n_genes) if gen["zi_logits"] is not None else None
+        flat = count_log_likelihood(
+            self.gene_likelihood,
+            log_mu.reshape(-1, self.n_genes),
+            theta,
+            zi,
+            batch.nz_row.repeat(n_samples) + offsets,
+            batch.nz_col.repeat(n_samples),
+            batch.nz_val.repeat(n_samples),
+        )
+        return flat.reshape(n_samples, n_cells)
+
+    # -------------------------------------------------------------------- objectives
+
+    def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
+        """Negative ELBO per cell, with the KL of z scaled by ``kl_weight`` in ``loss``."""
+        inf = self.inference(batch)
+        gen = self.generative(inf["z"], inf["log_library"], batch)
+        reconstruction = -self._log_likelihood(gen, batch)
+        kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
+        kl_l = torch.zeros_like(kl_z)
+        if not self.use_observed_library:
+            index = batch.batch_index
+            kl_l = gaussian_kl(
+                inf["ql_mean"], inf["ql_var"], self.library_log_means[index, None], self.library_log_vars[index, None]
+            )
+        loss = torch.mean(reconstruction + kl_weight * kl_z + kl_l)
+        return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl_z + kl_l)
+
+    @torch.no_grad()
+    def marginal_log_likelihood(self, batch: MiniBatch, n_samples: int = 1000, chunk: int = 100) -> torch.Tensor:
+        """Importance-sampled log p(x) per cell (``(B,)``, nats) with q as the proposal.
+
+        ``log p(x) ~= logsumexp_k [log p(x | z_k, l_k) + log p(z_k) + log p(l_k) - log q(z_k, l_k | x)] - log K``.
+        Samples are drawn ``chunk`` at a time and processed in one batched decoder pass.
+        """
+        inf = self.inference(batch)
+        weights = []
+        for start in range(0, n_samples, chunk):
+            k = min(chunk, n_samples - start)
+            z = inf["qz_mean"] + inf["qz_var"].sqrt() * torch.randn((k, *inf["qz_mean"].shape), device=batch.counts.device)
+            log_w = gaussian_log_prob(z, 0.0, 1.0) - gaussian_log_prob(z, inf["qz_mean"], inf["qz_var"])
+            if self.use_observed_library:
+                log_library = inf["log_library"].expand(k, -1, -1)
+            else:
+                log_library = inf["ql_mean"] + inf["ql_var"].sqrt() * torch.randn((k, *inf["ql_mean"].shape), device=z.device)
+                index = batch.batch_index
+                prior = gaussian_log_prob(log_library, self.library_log_means[index, None], self.library_log_vars[index, None])
+                log_w = log_w + prior - gaussian_log_prob(log_library, inf["ql_mean"], inf["ql_var"])
+            gen = self.generative(z, log_library, batch)
+            weights.append(log_w + self._log_likelihood(gen, batch))
+        return torch.logsumexp(torch.cat(weights), dim=0) - math.log(n_samples)
+
+    @torch.no_grad()
+    def posterior_predictive(self, batch: MiniBatch, n_samples: int = 1) -> torch.Tensor:
+        """Counts drawn from p(x | z, l) with z, l ~ q; ``(n_samples, B, G)``."""
+        inf = self.inference(batch, n_samples=n_samples)
+        z, log_library = inf["z"], inf["log_library"]
+        if n_samples == 1:
+            z, log_library = z.unsqueeze(0), log_library.unsqueeze(0)
+        gen = self.generative(z, log_library, batch)
+        theta = gen["theta"].expand_as(gen["log_mu"]) if gen["theta"] is not None else None
+        return sample(self.gene_likelihood, torch.exp(gen["log_mu"]), theta, gen["zi_logits"])
