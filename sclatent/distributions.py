@@ -141,7 +141,9 @@ def log_prob(
     if zi_logits is not None:
         zi_logits = zi_logits.expand_as(mu)
     zero = _zero_term(likelihood, mu, theta, zi_logits)
-    nonzero = _nonzero_term(likelihood, x, mu, torch.log(mu), theta, zi_logits)
+    # the unused branch must stay finite, or torch.where leaks 0 * inf = NaN into the gradient at mu = 0
+    safe_mu = torch.where(x > 0, mu, torch.ones_like(mu))
+    nonzero = _nonzero_term(likelihood, x, safe_mu, torch.log(safe_mu), theta, zi_logits)
     return torch.where(x > 0, nonzero, zero)
 
 
@@ -177,8 +179,8 @@ def sample(
     rate = mu
     if likelihood != "poisson":
         theta = theta.expand_as(mu)
-        # torch's Gamma sampler takes no generator; a standard gamma with our generator would
-        # need torch._standard_gamma, which also takes none, so seed via the global RNG.
+        # torch's gamma sampler takes no generator: the gamma draw follows the global RNG
+        # (torch.manual_seed), the Poisson and zero-inflation draws follow ``generator``.
         rate = torch._standard_gamma(theta) * (mu / theta)
     counts = torch.poisson(rate, generator=generator)
     if likelihood == "zinb":
@@ -189,110 +191,99 @@ def sample(
 
 
 class _SoftmaxCountLogLikelihood(torch.autograd.Function):
-    """Fused decoder output + likelihood with hand-written gradients for the dense part.
+    """Fused decoder output + likelihood with hand-written gradients.
 
-    The dense (every-entry) zero term is differentiated in closed form, reusing the forward's
-    intermediates, so backward costs a few elementwise passes instead of autograd's dozen. The
-    nonzero correction touches only ``nnz`` entries; its gradient comes from autograd on those.
+    Every entry takes the zero term's closed form; nonzero entries then swap it for the full
+    term. Both gradients are written out (the nonzero one with digamma, on ``nnz`` entries only) and
+    reuse the forward's intermediates, so backward costs a few elementwise passes instead of
+    autograd's dozens of small kernels. Tested against autograd through
+    :func:`count_log_likelihood`.
     """
 
     @staticmethod
     def forward(ctx, likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val):
         log_rho = torch.log_softmax(logits, dim=-1)
         rho = torch.exp(log_rho)
-        log_mu = log_rho + log_library
         mu = rho * torch.exp(log_library)
-        saved = {"rho": rho, "mu": mu}
+        theta = ratio = log1p_ratio = s = q = None
         if likelihood == "poisson":
-            dense = -mu.sum(-1)
-            theta = None
+            zero = -mu
         else:
             theta = torch.exp(log_theta).expand_as(mu)
             ratio = mu / theta
             log1p_ratio = torch.log1p(ratio)
-            nb0 = -theta * log1p_ratio
-            saved.update(theta=theta, ratio=ratio, log1p_ratio=log1p_ratio)
-            if likelihood == "nb":
-                dense = nb0.sum(-1)
-            else:
-                u = nb0 - zi_logits
-                dense = (F.softplus(u) - F.softplus(-zi_logits)).sum(-1)
-                saved.update(s=torch.sigmoid(u), q=torch.sigmoid(-zi_logits))
+            zero = -theta * log1p_ratio
+            if likelihood == "zinb":
+                u = zero - zi_logits
+                s, q = torch.sigmoid(u), torch.sigmoid(-zi_logits)
+                zero = F.softplus(u) - F.softplus(-zi_logits)
+        out = zero.sum(-1)
+        nz = (nz_row, nz_col)
+        grads_nz = None
+        if nz_val.numel():
+            log_mu_nz = log_rho[nz] + log_library[nz_row, 0]
+            mu_nz = mu[nz]
+            theta_nz = None if theta is None else theta[nz]
+            zi_nz = None if zi_logits is None else zi_logits[nz]
+            full = _nonzero_term(likelihood, nz_val, mu_nz, log_mu_nz, theta_nz, zi_nz)
+            out = out.index_add(0, nz_row, full - zero[nz])
+            grads_nz = _nonzero_grads(likelihood, nz_val, mu_nz, theta_nz, zi_nz)
         ctx.likelihood = likelihood
-        ctx.saved = saved
-        ctx.nz = (nz_row, nz_col, nz_val)
-        ctx.inputs = (log_mu, log_theta, zi_logits)
-        ctx.theta_shape = log_theta.shape if log_theta is not None else None
-        if nz_val.numel() == 0:
-            return dense
-        with torch.no_grad():
-            correction = _correction(likelihood, log_mu, theta, zi_logits, nz_row, nz_col, nz_val)
-        return dense.index_add(0, nz_row, correction)
+        ctx.theta_rows = None if log_theta is None else log_theta.shape[0]
+        ctx.save_for_backward(rho, mu, theta, ratio, log1p_ratio, s, q, nz_row, nz_col)
+        ctx.grads_nz = grads_nz
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        likelihood, saved = ctx.likelihood, ctx.saved
-        nz_row, nz_col, nz_val = ctx.nz
-        log_mu, log_theta, zi_logits = ctx.inputs
+        rho, mu, theta, ratio, log1p_ratio, s, q, nz_row, nz_col = ctx.saved_tensors
+        likelihood, grads_nz = ctx.likelihood, ctx.grads_nz
         g = grad_out.unsqueeze(-1)
-        rho, mu = saved["rho"], saved["mu"]
         grad_zi = grad_log_theta = None
         if likelihood == "poisson":
             grad_log_mu = -mu
         else:
-            ratio, log1p_ratio, theta = saved["ratio"], saved["log1p_ratio"], saved["theta"]
             inv = torch.reciprocal(1.0 + ratio)
-            d_theta = theta * (ratio * inv - log1p_ratio)  # d nb0 / d log(theta)
+            grad_log_theta = theta * (ratio * inv - log1p_ratio)  # d nb0 / d log(theta)
             if likelihood == "nb":
                 grad_log_mu = -(mu * inv)
             else:
-                s = saved["s"]
                 grad_log_mu = -(s * mu * inv)
-                d_theta = d_theta * s
-                grad_zi = (saved["q"] - s) * g
-            grad_log_theta_dense = d_theta * g
+                grad_log_theta = grad_log_theta * s
+                grad_zi = q - s
+        if grads_nz is not None:
+            # at nonzero counts the full term replaces the zero term, and so does its gradient
+            nz = (nz_row, nz_col)
+            grad_log_mu = grad_log_mu.index_put(nz, grads_nz[0])
+            if grad_log_theta is not None:
+                grad_log_theta = grad_log_theta.index_put(nz, grads_nz[1])
+            if grad_zi is not None:
+                grad_zi = grad_zi.index_put(nz, grads_nz[2])
         grad_log_mu = grad_log_mu * g
-        if nz_val.numel():
-            with torch.enable_grad():
-                leaves = [log_mu[nz_row, nz_col].detach().requires_grad_()]
-                theta_nz = zi_nz = None
-                if likelihood != "poisson":
-                    log_theta_nz = log_theta.expand_as(log_mu)[nz_row, nz_col].detach().requires_grad_()
-                    leaves.append(log_theta_nz)
-                    theta_nz = torch.exp(log_theta_nz)
-                if likelihood == "zinb":
-                    zi_nz = zi_logits[nz_row, nz_col].detach().requires_grad_()
-                    leaves.append(zi_nz)
-                correction = _correction_at(likelihood, leaves[0], theta_nz, zi_nz, nz_val)
-                grads = torch.autograd.grad(correction, leaves, grad_out[nz_row])
-            grad_log_mu = grad_log_mu.index_put((nz_row, nz_col), grads[0], accumulate=True)
-            if likelihood != "poisson":
-                grad_log_theta_dense = grad_log_theta_dense.index_put((nz_row, nz_col), grads[1], accumulate=True)
-            if likelihood == "zinb":
-                grad_zi = grad_zi.index_put((nz_row, nz_col), grads[2], accumulate=True)
         row_sum = grad_log_mu.sum(-1, keepdim=True)
         grad_logits = grad_log_mu - rho * row_sum
         grad_log_library = row_sum if ctx.needs_input_grad[2] else None
-        if likelihood != "poisson" and ctx.needs_input_grad[3]:
-            grad_log_theta = grad_log_theta_dense
-            if ctx.theta_shape[0] == 1 and grad_log_theta.shape[0] != 1:
+        if grad_log_theta is not None:
+            grad_log_theta = grad_log_theta * g if ctx.needs_input_grad[3] else None
+            if grad_log_theta is not None and ctx.theta_rows == 1:
                 grad_log_theta = grad_log_theta.sum(0, keepdim=True)
-        ctx.saved = ctx.inputs = ctx.nz = None
+        if grad_zi is not None:
+            grad_zi = grad_zi * g
         return None, grad_logits, grad_log_library, grad_log_theta, grad_zi, None, None, None
 
 
-def _correction_at(likelihood, log_mu_nz, theta_nz, zi_nz, nz_val):
-    mu_nz = torch.exp(log_mu_nz)
-    return _nonzero_term(likelihood, nz_val, mu_nz, log_mu_nz, theta_nz, zi_nz) - _zero_term(
-        likelihood, mu_nz, theta_nz, zi_nz
-    )
-
-
-def _correction(likelihood, log_mu, theta, zi_logits, nz_row, nz_col, nz_val):
-    def at(t):
-        return None if t is None else t[nz_row, nz_col]
-
-    return _correction_at(likelihood, at(log_mu), at(theta), at(zi_logits), nz_val)
+def _nonzero_grads(likelihood, x, mu, theta, zi_logits):
+    """Gradients of :func:`_nonzero_term` w.r.t. log(mu), log(theta) and zi_logits at nonzeros."""
+    if likelihood == "poisson":
+        return (x - mu,)
+    total = theta + mu
+    d_log_mu = x - (theta + x) * mu / total
+    x64, theta64 = x.double(), theta.double()
+    digamma_diff = (torch.digamma(x64 + theta64) - torch.digamma(theta64)).to(x.dtype)
+    d_log_theta = theta * (digamma_diff - torch.log1p(mu / theta) + (mu - x) / total)
+    if likelihood == "nb":
+        return d_log_mu, d_log_theta
+    return d_log_mu, d_log_theta, -torch.sigmoid(zi_logits)
 
 
 def softmax_count_log_likelihood(

@@ -202,8 +202,8 @@ def _categories(adata: ad.AnnData, key: str, role: str) -> list[str]:
     if n_missing:
         raise SetupError(
             f"adata.obs[{key!r}] ({role}) has {n_missing} missing values (NaN). Fill them "
-            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].cat.add_categories('unknown').fillna('unknown')) "
-            "or drop those cells."
+            f"(adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).where(adata.obs[{key!r}].notna(), 'unknown')) "
+            f"or drop those cells (adata = adata[adata.obs[{key!r}].notna()].copy())."
         )
     if isinstance(column.dtype, pd.CategoricalDtype):
         present = set(column.astype(str).unique())
@@ -292,7 +292,7 @@ def setup_anndata(
     if not isinstance(adata, ad.AnnData):
         raise SetupError(f"Expected an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:
-        raise SetupError("adata has no cells (n_obs == 0).")
+        raise SetupError("adata has no cells (n_obs == 0); pass an AnnData with at least one cell.")
     if adata.n_vars == 0:
         raise SetupError("adata has no genes (n_vars == 0); the count matrix must have at least one gene.")
     if not adata.var_names.is_unique:
@@ -301,7 +301,7 @@ def setup_anndata(
     cell_totals, gene_totals = check_counts(matrix, where, allow_non_integer)
     n_empty = int((cell_totals == 0).sum())
     if n_empty == adata.n_obs:
-        raise SetupError(f"All {n_empty} cells in {where} have zero total counts; nothing to learn from.")
+        raise SetupError(f"All {n_empty} cells in {where} have zero total counts; nothing to learn from. Check that the right layer holds the counts (layer=...).")
     if n_empty:
         warnings.warn(
             f"{n_empty} of {adata.n_obs} cells have zero total counts; models train without them "
@@ -355,6 +355,8 @@ def gene_order_for_query(adata: ad.AnnData, registry: Registry) -> np.ndarray | 
     Raises a :class:`SetupError` naming the missing genes when the query lacks any.
     """
     query = adata.var_names
+    if not query.is_unique:
+        raise SetupError("The query AnnData's var_names are not unique; call adata.var_names_make_unique() first.")
     if len(query) == registry.n_genes and np.array_equal(query.to_numpy(dtype=str), registry.var_names):
         return None
     position = pd.Index(query).get_indexer(registry.var_names)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data.loader import MiniBatch
-from ..distributions import GENE_LIKELIHOODS, count_log_likelihood, sample
+from ..distributions import GENE_LIKELIHOODS, count_log_likelihood, sample, softmax_count_log_likelihood
 from ..nn import CountDecoder, GaussianEncoder
 from ._base import LossOutput
 
@@ -155,13 +155,9 @@ class VAEModule(nn.Module):
             out.update(ql_mean=ql_mean, ql_var=ql_var, log_library=log_library)
         return out
 
-    def generative(self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor]:
-        """Likelihood parameters for latent ``z`` (``(..., B, n_latent)``).
-
-        Returns ``log_mu`` (log mean counts), ``log_scale`` (log normalised expression, rows sum to
-        one in probability space), ``theta`` and for ZINB ``zi_logits``, each ``(..., B, G)``
-        (``theta`` may be ``(1, G)``).
-        """
+    def _decode(self, z: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor | None]:
+        """Decoder heads for ``z`` (``(..., B, n_latent)``): ``logits`` (before the softmax over
+        genes), ``zi_logits`` (ZINB) and ``log_theta`` (broadcastable to ``(..., B, G)``)."""
         cats, cont = self._covariates(batch)
         lead = z.shape[:-1]
         if z.dim() > 2:  # flatten the sample axis: the decoder's BatchNorm expects 2-D input
@@ -171,18 +167,28 @@ class VAEModule(nn.Module):
             heads = {k: v.reshape(*lead, -1) for k, v in heads.items()}
         else:
             heads = self.decoder(z, cats, cont)
-        log_scale = torch.log_softmax(heads["scale"], dim=-1)
-        out = {"log_scale": log_scale, "log_mu": log_scale + log_library, "zi_logits": heads.get("zi_logits")}
-        if self.dispersion == "gene-cell":
-            out["theta"] = torch.exp(heads["log_theta"])
+        if self.gene_likelihood == "poisson":
+            log_theta = None
+        elif self.dispersion == "gene-cell":
+            log_theta = heads["log_theta"]
         elif self.dispersion == "gene":
-            out["theta"] = torch.exp(self.log_theta)
+            log_theta = self.log_theta
         else:
             index = batch.batch_index if self.dispersion == "gene-batch" else batch.label_index
-            out["theta"] = torch.exp(self.log_theta[index])
-        if self.gene_likelihood == "poisson":
-            out["theta"] = None
-        return out
+            log_theta = self.log_theta[index]
+        return {"logits": heads["scale"], "zi_logits": heads.get("zi_logits"), "log_theta": log_theta}
+
+    def generative(self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor]:
+        """Likelihood parameters for latent ``z`` (``(..., B, n_latent)``).
+
+        Returns ``log_mu`` (log mean counts), ``log_scale`` (log normalised expression, rows sum to
+        one in probability space), ``theta`` (None for Poisson) and ``zi_logits`` (None unless
+        ZINB), each ``(..., B, G)`` (``theta`` may be ``(1, G)``).
+        """
+        heads = self._decode(z, batch)
+        log_scale = torch.log_softmax(heads["logits"], dim=-1)
+        theta = None if heads["log_theta"] is None else torch.exp(heads["log_theta"])
+        return {"log_scale": log_scale, "log_mu": log_scale + log_library, "theta": theta, "zi_logits": heads["zi_logits"]}
 
     def _log_likelihood(self, gen: dict[str, torch.Tensor], batch: MiniBatch) -> torch.Tensor:
         """log p(x | z, l) per cell; ``gen`` tensors may carry a leading sample axis."""
@@ -215,8 +221,17 @@ class VAEModule(nn.Module):
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
         """Negative ELBO per cell, with the KL of z scaled by ``kl_weight`` in ``loss``."""
         inf = self.inference(batch)
-        gen = self.generative(inf["z"], inf["log_library"], batch)
-        reconstruction = -self._log_likelihood(gen, batch)
+        heads = self._decode(inf["z"], batch)
+        reconstruction = -softmax_count_log_likelihood(
+            self.gene_likelihood,
+            heads["logits"],
+            inf["log_library"],
+            heads["log_theta"],
+            heads["zi_logits"],
+            batch.nz_row,
+            batch.nz_col,
+            batch.nz_val,
+        )
         kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
         kl_l = torch.zeros_like(kl_z)
         if not self.use_observed_library:
