@@ -100,7 +100,8 @@ def fit_vae(args: argparse.Namespace) -> dict:
 
     print("\nSummary")
     print(f"  data            {summary['cells']} cells x {summary['genes']} genes")
-    print(f"  training        {summary['epochs']} epochs in {train_seconds:.1f} s ({train_seconds / summary['epochs']:.3f} s/epoch)")
+    per_epoch = train_seconds / summary["epochs"]
+    print(f"  training        {summary['epochs']} epochs in {train_seconds:.1f} s ({per_epoch:.3f} s/epoch)")
     if "heldout_marginal_ll" in summary:
         print(
             f"  held-out LL     {summary['heldout_marginal_ll']:.2f} nats/cell ({len(held_out)} cells, "

@@ -320,4 +320,6 @@ def softmax_count_log_likelihood(
     ``(B,)`` log-likelihood per cell, nats.
     """
     _check_likelihood(likelihood)
-    return _SoftmaxCountLogLikelihood.apply(likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val)
+    return _SoftmaxCountLogLikelihood.apply(
+        likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val
+    )

@@ -9,8 +9,8 @@ import anndata as ad
 import matplotlib
 
 matplotlib.use("Agg")  # files only: the CLI and tests run without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import scanpy as sc  # noqa: E402
+import matplotlib.pyplot as plt
+import scanpy as sc
 
 
 def plot_training_history(history: dict[str, list[float]], path: str | os.PathLike | None = None):

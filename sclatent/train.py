@@ -60,7 +60,7 @@ def split_cells(cells: np.ndarray, train_size: float, seed: int) -> tuple[np.nda
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
     rng = np.random.default_rng(seed)
     order = rng.permutation(cells)
-    n_train = len(cells) if train_size == 1.0 else max(1, min(len(cells) - 1, int(math.ceil(train_size * len(cells)))))
+    n_train = len(cells) if train_size == 1.0 else max(1, min(len(cells) - 1, math.ceil(train_size * len(cells))))
     return np.sort(order[:n_train]), np.sort(order[n_train:])
 
 
@@ -157,7 +157,10 @@ def fit(
             )
         monitored = -record.get("validation_elbo", record["train_elbo"])
         epochs.set_postfix(
-            {"elbo": f"{record['train_elbo']:.1f}", **({"val": f"{record['validation_elbo']:.1f}"} if "validation_elbo" in record else {})}
+            {
+                "elbo": f"{record['train_elbo']:.1f}",
+                **({"val": f"{record['validation_elbo']:.1f}"} if "validation_elbo" in record else {}),
+            }
         )
         if plan.early_stopping:
             if monitored < best - plan.min_delta:

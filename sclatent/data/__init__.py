@@ -4,9 +4,9 @@ from .loader import CellData, MiniBatch, resolve_device
 from .registry import REGISTRY_KEY, Registry, SetupError, get_registry, setup_anndata
 
 __all__ = [
+    "REGISTRY_KEY",
     "CellData",
     "MiniBatch",
-    "REGISTRY_KEY",
     "Registry",
     "SetupError",
     "get_registry",

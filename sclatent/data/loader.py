@@ -77,7 +77,9 @@ def _to_csr(matrix, column_order: np.ndarray | None) -> sp.csr_matrix:
         # a copy: sum_duplicates/eliminate_zeros work in place and must not touch the caller's matrix
         csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
     else:
-        chunks = [sp.csr_matrix(np.asarray(matrix[i : i + 4096], dtype=np.float32)) for i in range(0, matrix.shape[0], 4096)]
+        chunks = [
+            sp.csr_matrix(np.asarray(matrix[i : i + 4096], dtype=np.float32)) for i in range(0, matrix.shape[0], 4096)
+        ]
         csr = sp.vstack(chunks, format="csr")
     csr.sum_duplicates()
     csr.eliminate_zeros()  # stored zeros would pass for nonzero counts in the sparse likelihood

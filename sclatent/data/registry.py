@@ -240,8 +240,7 @@ def encode_continuous(adata: ad.AnnData, keys: list[str]) -> np.ndarray:
     for key in keys:
         if key not in adata.obs.columns:
             raise SetupError(
-                f"continuous_covariate_keys column {key!r} not found in adata.obs "
-                f"(columns: {list(adata.obs.columns)})."
+                f"continuous_covariate_keys column {key!r} not found in adata.obs (columns: {list(adata.obs.columns)})."
             )
         try:
             values = pd.to_numeric(adata.obs[key]).to_numpy(dtype=np.float64)
@@ -301,7 +300,10 @@ def setup_anndata(
     cell_totals, gene_totals = check_counts(matrix, where, allow_non_integer)
     n_empty = int((cell_totals == 0).sum())
     if n_empty == adata.n_obs:
-        raise SetupError(f"All {n_empty} cells in {where} have zero total counts; nothing to learn from. Check that the right layer holds the counts (layer=...).")
+        raise SetupError(
+            f"All {n_empty} cells in {where} have zero total counts; nothing to learn from. "
+            "Check that the right layer holds the counts (layer=...)."
+        )
     if n_empty:
         warnings.warn(
             f"{n_empty} of {adata.n_obs} cells have zero total counts; models train without them "
@@ -343,8 +345,7 @@ def get_registry(adata: ad.AnnData) -> Registry:
     """The registry that ``setup_anndata`` stored on ``adata``."""
     if REGISTRY_KEY not in adata.uns:
         raise SetupError(
-            "This AnnData has not been set up. Call Model.setup_anndata(adata, layer=..., "
-            "batch_key=...) first."
+            "This AnnData has not been set up. Call Model.setup_anndata(adata, layer=..., batch_key=...) first."
         )
     return Registry.from_json(adata.uns[REGISTRY_KEY])
 

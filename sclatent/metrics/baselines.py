@@ -7,7 +7,9 @@ import scipy.sparse as sp
 from scipy.special import gammaln
 
 
-def library_gene_mean_predictor(counts, rows: np.ndarray, cols: np.ndarray, train_cells: np.ndarray | None = None) -> np.ndarray:
+def library_gene_mean_predictor(
+    counts, rows: np.ndarray, cols: np.ndarray, train_cells: np.ndarray | None = None
+) -> np.ndarray:
     """Expected count ``library_c * p_g`` at ``(rows, cols)``: no model, just depth and gene frequency.
 
     ``p_g`` is gene g's share of all counts (over ``train_cells`` if given); the library is the
@@ -47,7 +49,9 @@ def nb_baseline_log_likelihood(counts, train_cells: np.ndarray, test_cells: np.n
         x = csr[cells].toarray()
         mu = np.maximum(library[cells], 1.0)[:, None] * frequency[None, :]
         log_p = (
-            gammaln(x + theta) - gammaln(theta) - gammaln(x + 1)
+            gammaln(x + theta)
+            - gammaln(theta)
+            - gammaln(x + 1)
             + theta * (np.log(theta) - np.log(theta + mu))
             + x * (np.log(mu) - np.log(theta + mu))
         )

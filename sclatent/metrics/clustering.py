@@ -52,5 +52,5 @@ def leiden_scores(
     return {
         "ari": float(adjusted_rand_score(labels, clusters)),
         "nmi": float(normalized_mutual_info_score(labels, clusters)),
-        "n_clusters": int(len(np.unique(clusters))),
+        "n_clusters": len(np.unique(clusters)),
     }

@@ -42,7 +42,7 @@ def corrupt_counts(counts, rate: float = 0.1, method: str = "uniform", seed: int
     rng = np.random.default_rng(seed)
     csr = sp.csr_matrix(counts, dtype=np.float32, copy=True)
     csr.eliminate_zeros()
-    n_hidden = int(round(rate * csr.nnz))
+    n_hidden = round(rate * csr.nnz)
     chosen = np.sort(rng.choice(csr.nnz, size=n_hidden, replace=False))
     rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[chosen]
     cols = csr.indices[chosen].astype(np.int64)

@@ -3,4 +3,4 @@
 from ._base import BaseModel
 from .vae import VAE
 
-__all__ = ["BaseModel", "VAE"]
+__all__ = ["VAE", "BaseModel"]

@@ -277,7 +277,9 @@ class BaseModel:
                 f"(this sclatent reads format {SAVE_FORMAT_VERSION})."
             )
         if metadata.get("model_class") != cls.__name__:
-            raise TypeError(f"{directory} holds a {metadata.get('model_class')}, not a {cls.__name__}; load it with that class.")
+            raise TypeError(
+                f"{directory} holds a {metadata.get('model_class')}, not a {cls.__name__}; load it with that class."
+            )
         registry = Registry.from_json(json.dumps(metadata["registry"]))
         if adata is not None:
             _attach_registry(adata, registry)

@@ -200,7 +200,9 @@ class VAE(BaseModel):
         return float(values.mean()) if return_mean else values
 
     @torch.no_grad()
-    def get_elbo(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0) -> float:
+    def get_elbo(
+        self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0
+    ) -> float:
         """Mean evidence lower bound per cell (nats; one posterior sample per cell)."""
         total, n = 0.0, 0
         with seeded(seed):

@@ -30,9 +30,7 @@ DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 def gaussian_kl(mean: torch.Tensor, var: torch.Tensor, prior_mean=0.0, prior_var=1.0) -> torch.Tensor:
     """KL(N(mean, var) || N(prior_mean, prior_var)) summed over the last dimension, ``(B,)``."""
     prior_var = torch.as_tensor(prior_var, dtype=var.dtype, device=var.device)
-    return 0.5 * (
-        torch.log(prior_var / var) + (var + (mean - prior_mean) ** 2) / prior_var - 1.0
-    ).sum(-1)
+    return 0.5 * (torch.log(prior_var / var) + (var + (mean - prior_mean) ** 2) / prior_var - 1.0).sum(-1)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean, var) -> torch.Tensor:
@@ -105,7 +103,9 @@ class VAEModule(nn.Module):
             enc_mlp["n_continuous"] = 0
         self.z_encoder = GaussianEncoder(n_genes, n_latent, n_hidden, dropout_rate=dropout_rate, **enc_mlp)
         if not use_observed_library:
-            self.l_encoder = GaussianEncoder(n_genes, 1, n_hidden, dropout_rate=dropout_rate, **dict(enc_mlp, n_layers=1))
+            self.l_encoder = GaussianEncoder(
+                n_genes, 1, n_hidden, dropout_rate=dropout_rate, **dict(enc_mlp, n_layers=1)
+            )
             if library_log_means is None:
                 library_log_means, library_log_vars = np.zeros(n_batch), np.ones(n_batch)
             self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32))
@@ -115,7 +115,9 @@ class VAEModule(nn.Module):
             heads.append("zi_logits")
         if dispersion == "gene-cell":
             heads.append("log_theta")
-        self.decoder = CountDecoder(n_latent, n_genes, tuple(heads), n_hidden, n_cats_per_cov=cats, dropout_rate=0.0, **mlp)
+        self.decoder = CountDecoder(
+            n_latent, n_genes, tuple(heads), n_hidden, n_cats_per_cov=cats, dropout_rate=0.0, **mlp
+        )
         rows = {"gene": 1, "gene-batch": n_batch, "gene-label": n_labels, "gene-cell": 0}[dispersion]
         self.log_theta = nn.Parameter(torch.randn(rows, n_genes)) if rows else None
 
@@ -188,7 +190,12 @@ class VAEModule(nn.Module):
         heads = self._decode(z, batch)
         log_scale = torch.log_softmax(heads["logits"], dim=-1)
         theta = None if heads["log_theta"] is None else torch.exp(heads["log_theta"])
-        return {"log_scale": log_scale, "log_mu": log_scale + log_library, "theta": theta, "zi_logits": heads["zi_logits"]}
+        return {
+            "log_scale": log_scale,
+            "log_mu": log_scale + log_library,
+            "theta": theta,
+            "zi_logits": heads["zi_logits"],
+        }
 
     def _log_likelihood(self, gen: dict[str, torch.Tensor], batch: MiniBatch) -> torch.Tensor:
         """log p(x | z, l) per cell; ``gen`` tensors may carry a leading sample axis."""
@@ -253,14 +260,20 @@ class VAEModule(nn.Module):
         weights = []
         for start in range(0, n_samples, chunk):
             k = min(chunk, n_samples - start)
-            z = inf["qz_mean"] + inf["qz_var"].sqrt() * torch.randn((k, *inf["qz_mean"].shape), device=batch.counts.device)
+            z = inf["qz_mean"] + inf["qz_var"].sqrt() * torch.randn(
+                (k, *inf["qz_mean"].shape), device=batch.counts.device
+            )
             log_w = gaussian_log_prob(z, 0.0, 1.0) - gaussian_log_prob(z, inf["qz_mean"], inf["qz_var"])
             if self.use_observed_library:
                 log_library = inf["log_library"].expand(k, -1, -1)
             else:
-                log_library = inf["ql_mean"] + inf["ql_var"].sqrt() * torch.randn((k, *inf["ql_mean"].shape), device=z.device)
+                log_library = inf["ql_mean"] + inf["ql_var"].sqrt() * torch.randn(
+                    (k, *inf["ql_mean"].shape), device=z.device
+                )
                 index = batch.batch_index
-                prior = gaussian_log_prob(log_library, self.library_log_means[index, None], self.library_log_vars[index, None])
+                prior = gaussian_log_prob(
+                    log_library, self.library_log_means[index, None], self.library_log_vars[index, None]
+                )
                 log_w = log_w + prior - gaussian_log_prob(log_library, inf["ql_mean"], inf["ql_var"])
             gen = self.generative(z, log_library, batch)
             weights.append(log_w + self._log_likelihood(gen, batch))

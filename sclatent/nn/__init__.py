@@ -2,4 +2,4 @@
 
 from .blocks import MLP, CountDecoder, GaussianEncoder
 
-__all__ = ["MLP", "GaussianEncoder", "CountDecoder"]
+__all__ = ["MLP", "CountDecoder", "GaussianEncoder"]
