@@ -56,14 +56,25 @@ def _nonzero_term(
     log_mu: torch.Tensor,
     theta: torch.Tensor | None,
     zi_logits: torch.Tensor | None,
+    log_factorial: torch.Tensor | None = None,
+    lgamma_theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log p(x) for entries with x > 0 (1-D tensors of the gathered nonzeros)."""
+    """log p(x) for entries with x > 0 (1-D tensors of the gathered nonzeros).
+
+    ``log_factorial`` (``lgamma(x + 1)``) and ``lgamma_theta`` (float64) may be passed in when
+    they are known already: the first is a property of the data, the second is shared by every
+    nonzero of a gene when the dispersion is per gene.
+    """
+    if log_factorial is None:
+        log_factorial = torch.lgamma(x + 1.0)
     if likelihood == "poisson":
-        return x * log_mu - mu - torch.lgamma(x + 1.0)
+        return x * log_mu - mu - log_factorial
     # lgamma(x + theta) - lgamma(theta) cancels badly in float32 once theta is large; it is
     # evaluated only at nonzeros, so float64 here costs little.
-    x64, theta64 = x.double(), theta.double()
-    log_binom = (torch.lgamma(x64 + theta64) - torch.lgamma(theta64) - torch.lgamma(x64 + 1.0)).to(x.dtype)
+    theta64 = theta.double()
+    if lgamma_theta is None:
+        lgamma_theta = torch.lgamma(theta64)
+    log_binom = (torch.lgamma(x.double() + theta64) - lgamma_theta).to(x.dtype) - log_factorial
     # x * log(mu / (theta + mu)) written as log_mu - log(theta + mu) via logaddexp for mu ~ 0
     log_theta = torch.log(theta)
     log_p = log_binom + _nb_log_zero(mu, theta) + x * (log_mu - torch.logaddexp(log_theta, log_mu))
@@ -201,11 +212,15 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val):
-        log_rho = torch.log_softmax(logits, dim=-1)
-        rho = torch.exp(log_rho)
+    def forward(ctx, likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val, nz_log_factorial):
+        # softmax by hand to keep the log-normaliser: log(rho) is then exact at the nonzeros
+        row_max = logits.amax(-1, keepdim=True)
+        rho = torch.exp(logits - row_max)
+        normaliser = rho.sum(-1, keepdim=True)
+        rho /= normaliser
+        log_normaliser = row_max + torch.log(normaliser)
         mu = rho * torch.exp(log_library)
-        theta = ratio = log1p_ratio = s = q = None
+        theta = ratio = log1p_ratio = s = d_zi = None
         if likelihood == "poisson":
             zero = -mu
         else:
@@ -214,29 +229,40 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
             log1p_ratio = torch.log1p(ratio)
             zero = -theta * log1p_ratio
             if likelihood == "zinb":
-                u = zero - zi_logits
-                s, q = torch.sigmoid(u), torch.sigmoid(-zi_logits)
-                zero = F.softplus(u) - F.softplus(-zi_logits)
+                # log(pi + (1 - pi) w) with w = NB(0): three transcendentals per entry instead of
+                # the six of the softplus form; p0 is clamped at the smallest normal float, which
+                # only binds when both pi and w underflow
+                pi = torch.sigmoid(zi_logits)
+                w = torch.exp(zero)
+                p0 = torch.clamp_min(pi + (1.0 - pi) * w, torch.finfo(mu.dtype).tiny)
+                s = (1.0 - pi) * w / p0  # d log p0 / d log NB(0)
+                d_zi = pi * (1.0 - pi) * (1.0 - w) / p0  # d log p0 / d zi_logits
+                zero = torch.log(p0)
         out = zero.sum(-1)
-        nz = (nz_row, nz_col)
         grads_nz = None
         if nz_val.numel():
-            log_mu_nz = log_rho[nz] + log_library[nz_row, 0]
+            nz = (nz_row, nz_col)
+            log_mu_nz = logits[nz] - log_normaliser[nz_row, 0] + log_library[nz_row, 0]
             mu_nz = mu[nz]
             theta_nz = None if theta is None else theta[nz]
             zi_nz = None if zi_logits is None else zi_logits[nz]
-            full = _nonzero_term(likelihood, nz_val, mu_nz, log_mu_nz, theta_nz, zi_nz)
+            lgamma_theta = digamma_theta = None
+            if theta is not None and log_theta.shape[0] == 1:
+                # one dispersion per gene: lgamma/digamma once per gene rather than per nonzero
+                theta_row = torch.exp(log_theta[0].double())
+                lgamma_theta, digamma_theta = torch.lgamma(theta_row)[nz_col], torch.digamma(theta_row)[nz_col]
+            full = _nonzero_term(likelihood, nz_val, mu_nz, log_mu_nz, theta_nz, zi_nz, nz_log_factorial, lgamma_theta)
             out = out.index_add(0, nz_row, full - zero[nz])
-            grads_nz = _nonzero_grads(likelihood, nz_val, mu_nz, theta_nz, zi_nz)
+            grads_nz = _nonzero_grads(likelihood, nz_val, mu_nz, theta_nz, zi_nz, digamma_theta)
         ctx.likelihood = likelihood
         ctx.theta_rows = None if log_theta is None else log_theta.shape[0]
-        ctx.save_for_backward(rho, mu, theta, ratio, log1p_ratio, s, q, nz_row, nz_col)
+        ctx.save_for_backward(rho, mu, theta, ratio, log1p_ratio, s, d_zi, nz_row, nz_col)
         ctx.grads_nz = grads_nz
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        rho, mu, theta, ratio, log1p_ratio, s, q, nz_row, nz_col = ctx.saved_tensors
+        rho, mu, theta, ratio, log1p_ratio, s, d_zi, nz_row, nz_col = ctx.saved_tensors
         likelihood, grads_nz = ctx.likelihood, ctx.grads_nz
         g = grad_out.unsqueeze(-1)
         grad_zi = grad_log_theta = None
@@ -244,13 +270,12 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
             grad_log_mu = -mu
         else:
             inv = torch.reciprocal(1.0 + ratio)
-            grad_log_theta = theta * (ratio * inv - log1p_ratio)  # d nb0 / d log(theta)
-            if likelihood == "nb":
-                grad_log_mu = -(mu * inv)
-            else:
-                grad_log_mu = -(s * mu * inv)
-                grad_log_theta = grad_log_theta * s
-                grad_zi = q - s
+            grad_log_theta = theta * (ratio * inv - log1p_ratio)  # d log NB(0) / d log(theta)
+            grad_log_mu = -(mu * inv)  # d log NB(0) / d log(mu)
+            if likelihood == "zinb":
+                grad_log_mu *= s
+                grad_log_theta *= s
+                grad_zi = d_zi
         if grads_nz is not None:
             # at nonzero counts the full term replaces the zero term, and so does its gradient
             nz = (nz_row, nz_col)
@@ -259,7 +284,7 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
                 grad_log_theta = grad_log_theta.index_put(nz, grads_nz[1])
             if grad_zi is not None:
                 grad_zi = grad_zi.index_put(nz, grads_nz[2])
-        grad_log_mu = grad_log_mu * g
+        grad_log_mu *= g
         row_sum = grad_log_mu.sum(-1, keepdim=True)
         grad_logits = grad_log_mu - rho * row_sum
         grad_log_library = row_sum if ctx.needs_input_grad[2] else None
@@ -269,17 +294,19 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
                 grad_log_theta = grad_log_theta.sum(0, keepdim=True)
         if grad_zi is not None:
             grad_zi = grad_zi * g
-        return None, grad_logits, grad_log_library, grad_log_theta, grad_zi, None, None, None
+        return None, grad_logits, grad_log_library, grad_log_theta, grad_zi, None, None, None, None
 
 
-def _nonzero_grads(likelihood, x, mu, theta, zi_logits):
+def _nonzero_grads(likelihood, x, mu, theta, zi_logits, digamma_theta=None):
     """Gradients of :func:`_nonzero_term` w.r.t. log(mu), log(theta) and zi_logits at nonzeros."""
     if likelihood == "poisson":
         return (x - mu,)
     total = theta + mu
     d_log_mu = x - (theta + x) * mu / total
-    x64, theta64 = x.double(), theta.double()
-    digamma_diff = (torch.digamma(x64 + theta64) - torch.digamma(theta64)).to(x.dtype)
+    theta64 = theta.double()
+    if digamma_theta is None:
+        digamma_theta = torch.digamma(theta64)
+    digamma_diff = (torch.digamma(x.double() + theta64) - digamma_theta).to(x.dtype)
     d_log_theta = theta * (digamma_diff - torch.log1p(mu / theta) + (mu - x) / total)
     if likelihood == "nb":
         return d_log_mu, d_log_theta
@@ -295,6 +322,7 @@ def softmax_count_log_likelihood(
     nz_row: torch.Tensor,
     nz_col: torch.Tensor,
     nz_val: torch.Tensor,
+    nz_log_factorial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell log-likelihood with mean ``softmax(logits) * exp(log_library)``; the training path.
 
@@ -314,6 +342,8 @@ def softmax_count_log_likelihood(
         ``(B, G)`` zero-inflation logits; ZINB only.
     nz_row, nz_col, nz_val
         The minibatch's nonzero counts.
+    nz_log_factorial
+        ``lgamma(nz_val + 1)`` if known (the loaders precompute it); computed otherwise.
 
     Returns
     -------
@@ -321,5 +351,5 @@ def softmax_count_log_likelihood(
     """
     _check_likelihood(likelihood)
     return _SoftmaxCountLogLikelihood.apply(
-        likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val
+        likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val, nz_log_factorial
     )

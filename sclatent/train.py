@@ -115,12 +115,11 @@ def fit(
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(
-        [p for p in module.parameters() if p.requires_grad],
-        lr=plan.lr,
-        weight_decay=plan.weight_decay,
-        eps=plan.eps,
-    )
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    # the fused kernel updates all parameters in one pass: several times faster than the
+    # per-parameter loop on CPU, where torch does not pick it by default
+    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
+    optimizer = torch.optim.Adam(parameters, lr=plan.lr, weight_decay=plan.weight_decay, eps=plan.eps, fused=fused)
     n_train = len(train_cells)
     # a final minibatch of one cell would break BatchNorm; fold such a remainder away
     drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2

@@ -41,6 +41,8 @@ class MiniBatch:
         ``(B, G)`` float32 dense counts.
     nz_row, nz_col, nz_val
         ``(nnz,)`` coordinates (int64) and values (float32) of the nonzero counts.
+    nz_log_factorial
+        ``(nnz,)`` ``lgamma(nz_val + 1)``, precomputed once per dataset.
     library
         ``(B,)`` total counts per cell.
     batch_index, label_index
@@ -57,6 +59,7 @@ class MiniBatch:
     nz_row: torch.Tensor
     nz_col: torch.Tensor
     nz_val: torch.Tensor
+    nz_log_factorial: torch.Tensor
     library: torch.Tensor
     batch_index: torch.Tensor
     label_index: torch.Tensor
@@ -136,9 +139,12 @@ class CellData:
         self._indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(storage)
         self._indices = torch.from_numpy(csr.indices.astype(np.int64)).to(storage)
         self._values = torch.from_numpy(csr.data).to(storage)
+        # a constant of the data, needed by every likelihood evaluation: compute it once
+        self._log_factorial = torch.lgamma(self._values.double() + 1.0).float()
         if not self.on_device and self.device.type == "cuda":
             self._values = self._values.pin_memory()
             self._indices = self._indices.pin_memory()
+            self._log_factorial = self._log_factorial.pin_memory()
 
         def obs_tensor(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(self.device)
@@ -192,7 +198,9 @@ class CellData:
         )
         nz_col = self._indices[position]
         nz_val = self._values[position]
+        nz_log_factorial = self._log_factorial[position]
         if storage != self.device:
+            nz_log_factorial = nz_log_factorial.to(self.device, non_blocking=True)
             nz_row = nz_row.to(self.device, non_blocking=True)
             nz_col = nz_col.to(self.device, non_blocking=True)
             nz_val = nz_val.to(self.device, non_blocking=True)
@@ -204,6 +212,7 @@ class CellData:
             nz_row=nz_row,
             nz_col=nz_col,
             nz_val=nz_val,
+            nz_log_factorial=nz_log_factorial,
             library=self.library[cell_index],
             batch_index=self.batch_index[cell_index],
             label_index=self.label_index[cell_index],

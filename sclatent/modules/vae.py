@@ -238,6 +238,7 @@ class VAEModule(nn.Module):
             batch.nz_row,
             batch.nz_col,
             batch.nz_val,
+            batch.nz_log_factorial,
         )
         kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
         kl_l = torch.zeros_like(kl_z)
