@@ -60,7 +60,8 @@ def split_cells(cells: np.ndarray, train_size: float, seed: int) -> tuple[np.nda
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
     rng = np.random.default_rng(seed)
     order = rng.permutation(cells)
-    n_train = len(cells) if train_size == 1.0 else max(1, min(len(cells) - 1, math.ceil(train_size * len(cells))))
+    # at least two training cells: a minibatch of one cannot be batch-normalised
+    n_train = len(cells) if train_size == 1.0 else max(2, min(len(cells) - 1, math.ceil(train_size * len(cells))))
     return np.sort(order[:n_train]), np.sort(order[n_train:])
 
 

@@ -183,8 +183,11 @@ class BaseModel:
         data = self._data(on_device=data_on_device)
         seed = self.seed if seed is None else seed
         cells = data.nonempty_cells
-        if len(cells) < 2:
-            raise SetupError("Need at least two cells with counts to train.")
+        if len(cells) < 3:
+            raise SetupError(
+                f"Need at least three cells with counts to train (found {len(cells)}): BatchNorm needs two "
+                "cells per minibatch."
+            )
         self.train_indices, self.validation_indices = split_cells(cells, train_size, seed)
         max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else int(max_epochs)
         if max_epochs < 1:
@@ -242,12 +245,16 @@ class BaseModel:
             "validation_indices": self.validation_indices.tolist(),
         }
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        umask = os.umask(0)
+        os.umask(umask)
         # write to temporary names first so an interrupted save never leaves a half-written model
         with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as handle:
             torch.save(state, handle)
+        os.chmod(handle.name, 0o666 & ~umask)  # temp files are 0600; saved models follow the umask
         os.replace(handle.name, directory / _WEIGHTS)
         with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
             json.dump(metadata, handle, allow_nan=True)
+        os.chmod(handle.name, 0o666 & ~umask)
         os.replace(handle.name, directory / _METADATA)
         return directory
 

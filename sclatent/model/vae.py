@@ -171,7 +171,7 @@ class VAE(BaseModel):
                 if library_size != "latent":
                     values = values * float(library_size)
                 out.append(values.cpu())
-        values = torch.cat(out).numpy()
+        values = torch.cat(out).numpy() if out else np.zeros((0, self.registry.n_genes), np.float32)
         if return_numpy:
             return values
         data_obs = (self.adata if adata is None else adata).obs_names
@@ -196,8 +196,10 @@ class VAE(BaseModel):
         with seeded(seed):
             for batch in self._batches(adata, indices, batch_size):
                 out.append(self.module.marginal_log_likelihood(batch, n_mc_samples).cpu())
-        values = torch.cat(out).numpy().astype(np.float64)
-        return float(values.mean()) if return_mean else values
+        values = torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+        if return_mean:
+            return float(values.mean()) if values.size else float("nan")
+        return values
 
     @torch.no_grad()
     def get_elbo(
@@ -210,7 +212,7 @@ class VAE(BaseModel):
                 out = self.module.loss(batch)
                 total += float(out.elbo.sum())
                 n += batch.size
-        return total / max(1, n)
+        return total / n if n else float("nan")
 
     @torch.no_grad()
     def get_reconstruction_error(
@@ -222,7 +224,7 @@ class VAE(BaseModel):
             for batch in self._batches(adata, indices, batch_size):
                 total += float(self.module.loss(batch).reconstruction.sum())
                 n += batch.size
-        return total / max(1, n)
+        return total / n if n else float("nan")
 
     @torch.no_grad()
     def get_kl_divergence(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
@@ -232,7 +234,7 @@ class VAE(BaseModel):
             inf = self.module.inference(batch)
             total += float(gaussian_kl(inf["qz_mean"], inf["qz_var"]).sum())
             n += batch.size
-        return total / max(1, n)
+        return total / n if n else float("nan")
 
     @torch.no_grad()
     def posterior_predictive_sample(
@@ -253,6 +255,8 @@ class VAE(BaseModel):
         with seeded(seed):
             for batch in self._batches(adata, indices, batch_size):
                 out.append(self.module.posterior_predictive(batch, n_samples).permute(1, 2, 0).cpu())
+        if not out:
+            return np.zeros((0, self.registry.n_genes) + ((n_samples,) if n_samples > 1 else ()), np.float32)
         samples = torch.cat(out).numpy()
         return samples[..., 0] if n_samples == 1 else samples
 
