@@ -45,7 +45,13 @@ def fit_vae(args: argparse.Namespace) -> dict:
         labels_key = args.labels_key
         source = str(path)
     print(f"sclatent fit-vae: {adata.n_obs} cells x {adata.n_vars} genes ({source})")
-    VAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key, labels_key=labels_key)
+    VAE.setup_anndata(
+        adata,
+        layer=args.layer,
+        batch_key=args.batch_key,
+        labels_key=labels_key,
+        allow_non_integer=args.allow_non_integer,
+    )
     model = VAE(
         adata,
         n_latent=args.n_latent,
@@ -130,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--out", required=True, help="output h5ad path")
     vae.add_argument("--layer", default=None, help="layer holding counts (default: X)")
     vae.add_argument("--batch-key", default=None)
+    vae.add_argument(
+        "--allow-non-integer", action="store_true", help="accept fractional counts (e.g. ambient-RNA corrected)"
+    )
     vae.add_argument("--labels-key", default=None, help="obs column with labels, for ARI/NMI")
     vae.add_argument("--max-epochs", type=int, default=None, help="default: scales with the number of cells")
     vae.add_argument("--batch-size", type=int, default=128)

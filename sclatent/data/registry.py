@@ -182,8 +182,8 @@ def check_counts(matrix, where: str, allow_non_integer: bool) -> tuple[np.ndarra
         raise SetupError(
             f"{where} contains {n_fraction} non-integer values (e.g. {example_fraction:.4g}), but count "
             "models expect raw integer counts. Pass the raw counts (e.g. a layer saved before "
-            "sc.pp.normalize_total/log1p: layer='counts'), or allow_non_integer=True if the values "
-            "are genuinely fractional counts (e.g. from ambient-RNA correction)."
+            "sc.pp.normalize_total/log1p: layer='counts'), or allow_non_integer=True (CLI: --allow-non-integer) "
+            "if the values are genuinely fractional counts (e.g. from ambient-RNA correction)."
         )
     return cell_totals, gene_totals
 
