@@ -201,40 +201,35 @@ class VAE(BaseModel):
             return float(values.mean()) if values.size else float("nan")
         return values
 
-    @torch.no_grad()
+    def _mean_per_cell(self, per_cell, adata, indices, batch_size: int, seed: int | None) -> float:
+        """Mean over cells of ``per_cell(batch) -> (B,)``; NaN for no cells."""
+        total, n = 0.0, 0
+        with torch.no_grad(), seeded(seed):
+            for batch in self._batches(adata, indices, batch_size):
+                total += float(per_cell(batch).sum())
+                n += batch.size
+        return total / n if n else float("nan")
+
     def get_elbo(
         self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0
     ) -> float:
         """Mean evidence lower bound per cell (nats; one posterior sample per cell)."""
-        total, n = 0.0, 0
-        with seeded(seed):
-            for batch in self._batches(adata, indices, batch_size):
-                out = self.module.loss(batch)
-                total += float(out.elbo.sum())
-                n += batch.size
-        return total / n if n else float("nan")
+        return self._mean_per_cell(lambda b: self.module.loss(b).elbo, adata, indices, batch_size, seed)
 
-    @torch.no_grad()
     def get_reconstruction_error(
         self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0
     ) -> float:
         """Mean negative log-likelihood -log p(x | z) per cell (nats; z sampled from q)."""
-        total, n = 0.0, 0
-        with seeded(seed):
-            for batch in self._batches(adata, indices, batch_size):
-                total += float(self.module.loss(batch).reconstruction.sum())
-                n += batch.size
-        return total / n if n else float("nan")
+        return self._mean_per_cell(lambda b: self.module.loss(b).reconstruction, adata, indices, batch_size, seed)
 
-    @torch.no_grad()
     def get_kl_divergence(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
         """Mean KL(q(z|x) || p(z)) per cell (nats)."""
-        total, n = 0.0, 0
-        for batch in self._batches(adata, indices, batch_size):
+
+        def kl(batch):
             inf = self.module.inference(batch)
-            total += float(gaussian_kl(inf["qz_mean"], inf["qz_var"]).sum())
-            n += batch.size
-        return total / n if n else float("nan")
+            return gaussian_kl(inf["qz_mean"], inf["qz_var"])
+
+        return self._mean_per_cell(kl, adata, indices, batch_size, None)
 
     @torch.no_grad()
     def posterior_predictive_sample(

@@ -251,13 +251,20 @@ class VAEModule(nn.Module):
         return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl_z + kl_l)
 
     @torch.no_grad()
-    def marginal_log_likelihood(self, batch: MiniBatch, n_samples: int = 1000, chunk: int = 100) -> torch.Tensor:
+    def marginal_log_likelihood(
+        self, batch: MiniBatch, n_samples: int = 1000, chunk: int | None = None
+    ) -> torch.Tensor:
         """Importance-sampled log p(x) per cell (``(B,)``, nats) with q as the proposal.
 
         ``log p(x) ~= logsumexp_k [log p(x | z_k, l_k) + log p(z_k) + log p(l_k) - log q(z_k, l_k | x)] - log K``.
-        Samples are drawn ``chunk`` at a time and processed in one batched decoder pass.
+        Samples are drawn ``chunk`` at a time (default: about 4M likelihood entries per pass) and
+        processed in one batched decoder pass.
         """
         inf = self.inference(batch)
+        if chunk is None:
+            # ~4M entries per decoder pass: large enough to be efficient, small enough that the
+            # peak memory (a few (chunk, B, G) tensors) stays in the hundreds of MB
+            chunk = max(1, min(n_samples, 2**22 // max(1, batch.size * self.n_genes)))
         weights = []
         for start in range(0, n_samples, chunk):
             k = min(chunk, n_samples - start)
