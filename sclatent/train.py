@@ -120,7 +120,11 @@ def fit(
     # the fused kernel updates all parameters in one pass: several times faster than the
     # per-parameter loop on CPU, where torch does not pick it by default
     fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
-    optimizer = torch.optim.Adam(parameters, lr=plan.lr, weight_decay=plan.weight_decay, eps=plan.eps, fused=fused)
+    settings = dict(lr=plan.lr, weight_decay=plan.weight_decay, eps=plan.eps)
+    try:
+        optimizer = torch.optim.Adam(parameters, fused=fused, **settings)
+    except RuntimeError:  # torch < 2.4 has no fused CPU kernel
+        optimizer = torch.optim.Adam(parameters, **settings)
     n_train = len(train_cells)
     # a final minibatch of one cell would break BatchNorm; fold such a remainder away
     drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2
