@@ -221,6 +221,8 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
         log_normaliser = row_max + torch.log(normaliser)
         mu = rho * torch.exp(log_library)
         theta = ratio = log1p_ratio = s = d_zi = None
+        # evaluation passes (validation, get_elbo) need no gradient pieces: skip computing them
+        needs_grad = any(ctx.needs_input_grad)
         if likelihood == "poisson":
             zero = -mu
         else:
@@ -237,8 +239,9 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
                 # that exp would return instead are ~100x slower to compute with on x86
                 w = torch.exp(torch.clamp_min(zero, -80.0))
                 p0 = torch.clamp_min(pi + (1.0 - pi) * w, torch.finfo(mu.dtype).tiny)
-                s = (1.0 - pi) * w / p0  # d log p0 / d log NB(0)
-                d_zi = pi * (1.0 - pi) * (1.0 - w) / p0  # d log p0 / d zi_logits
+                if needs_grad:
+                    s = (1.0 - pi) * w / p0  # d log p0 / d log NB(0)
+                    d_zi = pi * (1.0 - pi) * (1.0 - w) / p0  # d log p0 / d zi_logits
                 zero = torch.log(p0)
         out = zero.sum(-1)
         grads_nz = None
@@ -252,10 +255,12 @@ class _SoftmaxCountLogLikelihood(torch.autograd.Function):
             if theta is not None and log_theta.shape[0] == 1:
                 # one dispersion per gene: lgamma/digamma once per gene rather than per nonzero
                 theta_row = torch.exp(log_theta[0].double())
-                lgamma_theta, digamma_theta = torch.lgamma(theta_row)[nz_col], torch.digamma(theta_row)[nz_col]
+                lgamma_theta = torch.lgamma(theta_row)[nz_col]
+                digamma_theta = torch.digamma(theta_row)[nz_col] if needs_grad else None
             full = _nonzero_term(likelihood, nz_val, mu_nz, log_mu_nz, theta_nz, zi_nz, nz_log_factorial, lgamma_theta)
             out = out.index_add(0, nz_row, full - zero[nz])
-            grads_nz = _nonzero_grads(likelihood, nz_val, mu_nz, theta_nz, zi_nz, digamma_theta)
+            if needs_grad:
+                grads_nz = _nonzero_grads(likelihood, nz_val, mu_nz, theta_nz, zi_nz, digamma_theta)
         ctx.likelihood = likelihood
         ctx.theta_rows = None if log_theta is None else log_theta.shape[0]
         ctx.save_for_backward(rho, mu, theta, ratio, log1p_ratio, s, d_zi, nz_row, nz_col)
