@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .data.loader import CellData
 from .modules._base import LossOutput
+from .optim import FlatAdam
 
 
 @dataclass
@@ -117,14 +118,28 @@ def fit(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in module.parameters() if p.requires_grad]
-    # the fused kernel updates all parameters in one pass: several times faster than the
-    # per-parameter loop on CPU, where torch does not pick it by default
-    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
-    settings = dict(lr=plan.lr, weight_decay=plan.weight_decay, eps=plan.eps)
+    optimizer = FlatAdam(parameters, lr=plan.lr, weight_decay=plan.weight_decay, eps=plan.eps)
     try:
-        optimizer = torch.optim.Adam(parameters, fused=fused, **settings)
-    except RuntimeError:  # torch < 2.4 has no fused CPU kernel
-        optimizer = torch.optim.Adam(parameters, **settings)
+        history = _fit(
+            module, data, train_cells, validation_cells, plan, optimizer, generator, progress_bar, description
+        )
+    finally:
+        optimizer.release()
+    module.eval()
+    return history
+
+
+def _fit(
+    module: torch.nn.Module,
+    data: CellData,
+    train_cells: np.ndarray,
+    validation_cells: np.ndarray,
+    plan: TrainingPlan,
+    optimizer: FlatAdam,
+    generator: torch.Generator,
+    progress_bar: bool,
+    description: str,
+) -> dict[str, list[float]]:
     n_train = len(train_cells)
     # a final minibatch of one cell would break BatchNorm; fold such a remainder away
     drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2
@@ -142,7 +157,7 @@ def fit(
         ):
             kl_weight = plan.kl_weight(epoch, step, steps_per_epoch)
             out = module.loss(batch, kl_weight=kl_weight)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             out.loss.backward()
             optimizer.step()
             loss_sum += float(out.loss.detach()) * batch.size
@@ -173,5 +188,4 @@ def fit(
                 epochs_without_improvement += 1
                 if epochs_without_improvement >= plan.patience:
                     break
-    module.eval()
     return history

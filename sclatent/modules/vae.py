@@ -21,7 +21,7 @@ from torch import nn
 
 from ..data.loader import MiniBatch
 from ..distributions import GENE_LIKELIHOODS, count_log_likelihood, sample, softmax_count_log_likelihood
-from ..nn import CountDecoder, GaussianEncoder
+from ..nn import CountDecoder, GaussianEncoder, SparseRows
 from ._base import LossOutput
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
@@ -98,7 +98,8 @@ class VAEModule(nn.Module):
         self.encode_covariates = encode_covariates
         cats = [n_batch, *n_cats_per_cov]
         mlp = dict(n_layers=n_layers, inject_covariates=inject_covariates, n_continuous=n_continuous)
-        enc_mlp = dict(mlp, n_cats_per_cov=cats if encode_covariates else [])
+        # the encoders read log1p counts as a sparse matrix: nnz * n_hidden work instead of B * G * n_hidden
+        enc_mlp = dict(mlp, n_cats_per_cov=cats if encode_covariates else [], sparse_input=True)
         if not encode_covariates:
             enc_mlp["n_continuous"] = 0
         self.z_encoder = GaussianEncoder(n_genes, n_latent, n_hidden, dropout_rate=dropout_rate, **enc_mlp)
@@ -139,7 +140,7 @@ class VAEModule(nn.Module):
         cats, cont = self._covariates(batch)
         if not self.encode_covariates:
             cats, cont = [], None
-        x = torch.log1p(batch.counts)
+        x = SparseRows.from_coordinates(batch.nz_row, batch.nz_col, torch.log1p(batch.nz_val), batch.size, self.n_genes)
         qz_mean, qz_var, z = self.z_encoder(x, cats, cont)
         out = {"qz_mean": qz_mean, "qz_var": qz_var}
         if n_samples > 1:
@@ -239,6 +240,7 @@ class VAEModule(nn.Module):
             batch.nz_col,
             batch.nz_val,
             batch.nz_log_factorial,
+            batch.nz_row_ptr,
         )
         kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
         kl_l = torch.zeros_like(kl_z)
@@ -269,7 +271,7 @@ class VAEModule(nn.Module):
         for start in range(0, n_samples, chunk):
             k = min(chunk, n_samples - start)
             z = inf["qz_mean"] + inf["qz_var"].sqrt() * torch.randn(
-                (k, *inf["qz_mean"].shape), device=batch.counts.device
+                (k, *inf["qz_mean"].shape), device=batch.nz_val.device
             )
             log_w = gaussian_log_prob(z, 0.0, 1.0) - gaussian_log_prob(z, inf["qz_mean"], inf["qz_var"])
             if self.use_observed_library:

@@ -5,24 +5,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .sparse import SparseLinear, SparseRows
+
 
 class InjectedLinear(nn.Module):
     """``Linear(x) + sum_k E_k[c_k] + W_c @ cont``: a linear layer fed with covariates.
 
     Adding an embedding row per category equals concatenating a one-hot code to ``x`` (as scVI
-    does) but costs a lookup instead of a wider matmul.
+    does) but costs a lookup instead of a wider matmul. With ``sparse_input`` the layer takes a
+    :class:`SparseRows` minibatch (or a dense one) through :class:`SparseLinear`.
     """
 
-    def __init__(self, n_in: int, n_out: int, n_cats_per_cov: list[int], n_continuous: int) -> None:
+    def __init__(
+        self, n_in: int, n_out: int, n_cats_per_cov: list[int], n_continuous: int, sparse_input: bool = False
+    ) -> None:
         super().__init__()
-        self.linear = nn.Linear(n_in, n_out)
+        self.linear = SparseLinear(n_in, n_out) if sparse_input else nn.Linear(n_in, n_out)
         self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in n_cats_per_cov if n > 1)
         self._use_cat = [n > 1 for n in n_cats_per_cov]
         for embedding in self.embeddings:
             nn.init.normal_(embedding.weight, std=n_in**-0.5)
         self.continuous = nn.Linear(n_continuous, n_out, bias=False) if n_continuous else None
 
-    def forward(self, x: torch.Tensor, cats: list[torch.Tensor], cont: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | SparseRows, cats: list[torch.Tensor], cont: torch.Tensor | None
+    ) -> torch.Tensor:
         out = self.linear(x)
         used = (c for c, use in zip(cats, self._use_cat, strict=False) if use)
         for embedding, codes in zip(self.embeddings, used, strict=True):
@@ -47,6 +54,8 @@ class MLP(nn.Module):
         Depth (>= 1), dropout probability and whether to batch-normalise.
     inject_covariates
         Feed covariates into every layer (True) or only the first.
+    sparse_input
+        The first layer takes a :class:`SparseRows` input (count encoders).
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class MLP(nn.Module):
         dropout_rate: float = 0.1,
         use_batch_norm: bool = True,
         inject_covariates: bool = True,
+        sparse_input: bool = False,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList()
@@ -71,6 +81,7 @@ class MLP(nn.Module):
                     n_out,
                     list(n_cats_per_cov) if with_covariates else [],
                     n_continuous if with_covariates else 0,
+                    sparse_input=sparse_input and i == 0,
                 )
             )
             post = [nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3)] if use_batch_norm else []
@@ -80,7 +91,9 @@ class MLP(nn.Module):
             self.post.append(nn.Sequential(*post))
         self.inject_covariates = inject_covariates
 
-    def forward(self, x: torch.Tensor, cats: list[torch.Tensor] = (), cont: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | SparseRows, cats: list[torch.Tensor] = (), cont: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(B, n_in)`` -> ``(B, n_out)``; ``cats`` are ``(B,)`` int64 codes."""
         for i, (layer, post) in enumerate(zip(self.layers, self.post, strict=True)):
             inject = self.inject_covariates or i == 0
@@ -102,7 +115,7 @@ class GaussianEncoder(nn.Module):
         self.var_eps = var_eps
 
     def forward(
-        self, x: torch.Tensor, cats: list[torch.Tensor] = (), cont: torch.Tensor | None = None
+        self, x: torch.Tensor | SparseRows, cats: list[torch.Tensor] = (), cont: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.body(x, cats, cont)
         mean = self.mean(h)
