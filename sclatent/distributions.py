@@ -338,7 +338,8 @@ class _NativeSoftmaxNB(torch.autograd.Function):
         theta = torch.exp(log_theta)
         log_library = log_library.reshape(n_cells).contiguous()
         out = torch.empty(n_cells, dtype=heads.dtype)
-        work = _workspace(4 * n_cells * n_genes)
+        threads = torch.get_num_threads()
+        work = _workspace(4 * threads * n_genes)
         needs_grad = any(ctx.needs_input_grad)
         grad_heads = torch.empty(heads.shape, dtype=heads.dtype) if needs_grad else None
         grad_log_library = torch.empty(n_cells, dtype=heads.dtype) if needs_grad else None
@@ -365,7 +366,7 @@ class _NativeSoftmaxNB(torch.autograd.Function):
             None if grad_log_theta is None else grad_log_theta.data_ptr(),
             grad_heads.data_ptr() + offset if needs_grad and zero_inflated else None,
             heads.shape[1],
-            torch.get_num_threads(),
+            threads,
         )
         ctx.theta_rows = log_theta.shape[0]
         ctx.save_for_backward(grad_heads, grad_log_library, grad_log_theta)

@@ -8,6 +8,42 @@ from torch import nn
 from .sparse import SparseLinear, SparseRows
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, as ``torch.nn.Dropout``, with a faster mask on CPU.
+
+    On CPU in float32 the mask comes from the native hash-based generator of
+    :mod:`sclatent._native` (~20x faster than torch's ``bernoulli_`` at a 128 x 128 activation), its
+    seed drawn from torch's generator so seeded training stays reproducible; elsewhere
+    ``torch.nn.functional.dropout``.
+    """
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}.")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        kernel = None
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            from .. import _native
+
+            kernel = _native.library()
+        if kernel is None:
+            return nn.functional.dropout(x, self.p, training=True)
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        mask = torch.empty(x.shape, dtype=x.dtype)
+        kernel.dropout_mask(
+            mask.numel(), seed, min(2**32 - 1, round(self.p * 2**32)), 1.0 / (1.0 - self.p), mask.data_ptr(), 1
+        )
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class InjectedLinear(nn.Module):
     """``Linear(x) + sum_k E_k[c_k] + W_c @ cont``: a linear layer fed with covariates.
 
@@ -87,7 +123,7 @@ class MLP(nn.Module):
             post = [nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3)] if use_batch_norm else []
             post.append(nn.ReLU())
             if dropout_rate > 0:
-                post.append(nn.Dropout(dropout_rate))
+                post.append(Dropout(dropout_rate))
             self.post.append(nn.Sequential(*post))
         self.inject_covariates = inject_covariates
 
@@ -110,16 +146,17 @@ class GaussianEncoder(nn.Module):
     def __init__(self, n_in: int, n_out: int, n_hidden: int = 128, var_eps: float = 1e-4, **mlp_kwargs) -> None:
         super().__init__()
         self.body = MLP(n_in, n_hidden, **mlp_kwargs)
-        self.mean = nn.Linear(n_hidden, n_out)
-        self.log_var = nn.Linear(n_hidden, n_out)
+        # mean and log-variance heads as one matmul
+        self.heads = nn.Linear(n_hidden, 2 * n_out)
+        self.n_out = n_out
         self.var_eps = var_eps
 
     def forward(
         self, x: torch.Tensor | SparseRows, cats: list[torch.Tensor] = (), cont: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.body(x, cats, cont)
-        mean = self.mean(h)
-        var = torch.exp(self.log_var(h)) + self.var_eps
+        mean, log_var = self.heads(h).split(self.n_out, dim=-1)
+        var = torch.exp(log_var) + self.var_eps
         z = mean + var.sqrt() * torch.randn_like(mean)
         return mean, var, z
 
