@@ -33,7 +33,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("softmax_nb.c", "sparse_linear.c", "dropout.c"))
+_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("softmax_nb.c", "sparse_linear.c", "dropout.c", "csr_gather.c")
+)
 _FLAGS_OPENMP = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 _FLAGS_SERIAL = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
 
@@ -111,6 +113,7 @@ def _declare(library: ctypes.CDLL) -> None:
         "sparse_linear_forward": [size, size] + [pointer] * 6 + [count],
         "sparse_linear_backward_weight": [size, size, size] + [pointer] * 5 + [count],
         "dropout_mask": [size, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, pointer, count],
+        "csr_gather_rows": [size] + [pointer] * 10 + [count],
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)

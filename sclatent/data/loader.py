@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .. import _native
 from .registry import (
     Registry,
     check_counts,
@@ -227,6 +228,30 @@ class CellData:
         start = self._indptr[rows]
         lengths = self._indptr[rows + 1] - start
         total = int(lengths.sum())
+        row_ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=storage)
+        torch.cumsum(lengths, 0, out=row_ptr[1:])
+        kernel = _native.library() if storage.type == self.device.type == "cpu" else None
+        if kernel is not None:
+            rows = rows.contiguous()
+            nz_col = torch.empty(total, dtype=torch.int64)
+            nz_val = torch.empty(total, dtype=self._values.dtype)
+            nz_log_factorial = torch.empty(total, dtype=self._log_factorial.dtype)
+            nz_row = torch.empty(total, dtype=torch.int64)
+            kernel.csr_gather_rows(
+                rows.numel(),
+                rows.data_ptr(),
+                self._indptr.data_ptr(),
+                self._indices.data_ptr(),
+                self._values.data_ptr(),
+                self._log_factorial.data_ptr(),
+                row_ptr.data_ptr(),
+                nz_col.data_ptr(),
+                nz_val.data_ptr(),
+                nz_log_factorial.data_ptr(),
+                nz_row.data_ptr(),
+                torch.get_num_threads(),
+            )
+            return self._minibatch(cell_index, nz_row, nz_col, nz_val, nz_log_factorial, row_ptr)
         nz_row = torch.repeat_interleave(torch.arange(rows.numel(), device=storage), lengths, output_size=total)
         # position of each nonzero in the CSR arrays: its row's start + its rank within the row
         first_of_row = torch.cumsum(lengths, 0) - lengths
@@ -241,10 +266,11 @@ class CellData:
             nz_row = nz_row.to(self.device, non_blocking=True)
             nz_col = nz_col.to(self.device, non_blocking=True)
             nz_val = nz_val.to(self.device, non_blocking=True)
-        row_ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=storage)
-        torch.cumsum(lengths, 0, out=row_ptr[1:])
         if storage != self.device:
             row_ptr = row_ptr.to(self.device, non_blocking=True)
+        return self._minibatch(cell_index, nz_row, nz_col, nz_val, nz_log_factorial, row_ptr)
+
+    def _minibatch(self, cell_index, nz_row, nz_col, nz_val, nz_log_factorial, row_ptr) -> MiniBatch:
         cell_index = cell_index.to(self.device)
         return MiniBatch(
             nz_row=nz_row,
