@@ -377,12 +377,12 @@ class _NativeSoftmaxNB(torch.autograd.Function):
         grad_heads, grad_log_library, grad_log_theta = ctx.saved_tensors
         g = grad_out.unsqueeze(-1)
         needs = ctx.needs_input_grad
-        # the buffers are this call's own and used once: scale them in place (no new allocations)
-        grad_heads = grad_heads.mul_(g) if needs[1] else None
-        grad_log_library = grad_log_library.mul_(grad_out).unsqueeze(-1) if needs[3] else None
+        # out of place: a retained graph may be differentiated again
+        grad_heads = grad_heads * g if needs[1] else None
+        grad_log_library = (grad_log_library * grad_out).unsqueeze(-1) if needs[3] else None
         if needs[4]:
             # per-gene dispersion: sum over cells, weighted by each cell's incoming gradient
-            grad_log_theta = (grad_out @ grad_log_theta).unsqueeze(0) if ctx.theta_rows == 1 else grad_log_theta.mul_(g)
+            grad_log_theta = (grad_out @ grad_log_theta).unsqueeze(0) if ctx.theta_rows == 1 else grad_log_theta * g
         else:
             grad_log_theta = None
         return None, grad_heads, None, grad_log_library, grad_log_theta, None, None, None
@@ -404,6 +404,9 @@ def _heads_matrix(logits: torch.Tensor, zi_logits: torch.Tensor | None) -> torch
         and logits.data_ptr() == base.data_ptr()
         and zi_logits.data_ptr() == base.data_ptr() + n_genes * base.element_size()
         and logits.stride() == zi_logits.stride() == base.stride()
+        # the base's gradient must be the views' gradient: not so for views that are autograd leaves
+        # of their own (taken under no_grad, or given requires_grad after the split)
+        and all((t.grad_fn is not None) == t.requires_grad == base.requires_grad for t in (logits, zi_logits))
     ):
         return base
     return torch.cat([logits, zi_logits], dim=-1)
@@ -491,8 +494,9 @@ def softmax_count_log_likelihood(
             logits.shape[1],
             log_library,
             log_theta,
-            nz_row_ptr.contiguous(),
-            nz_col.contiguous(),
+            # the kernel reads int64 indices: any other integer type would be read out of bounds
+            nz_row_ptr.to(torch.int64).contiguous(),
+            nz_col.to(torch.int64).contiguous(),
             nz_val.to(logits.dtype).contiguous(),
         )
     return _SoftmaxCountLogLikelihood.apply(

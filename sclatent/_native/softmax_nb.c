@@ -93,11 +93,36 @@ static inline float fast_logf(float x) {
     return m + y + e * 0.693359375f;
 }
 
-/* log(1 + r) for r >= 0, accurate for small r: log(u) * r / (u - 1) with u = 1 + r rounded */
+/*
+ * log(1 + r) for r >= 0. For r < 0.5 the series 2 atanh(s), s = r / (2 + r), which has no
+ * cancellation (the textbook log(u) * r / (u - 1) correction does not survive -ffast-math: gcc
+ * folds (1 + r) - 1 to r); above, log(1 + r) is accurate as is.
+ */
 static inline float fast_log1pf(float r) {
-    const float u = 1.0f + r;
-    const float d = u - 1.0f;
-    return d == 0.0f ? r : fast_logf(u) * (r / d);
+    const float s = r / (2.0f + r), s2 = s * s;
+    float p = 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return r < 0.5f ? 2.0f * s * p : fast_logf(1.0f + r);
+}
+
+/*
+ * r / (1 + r) - log(1 + r), the d log NB(0) / d log(theta) factor. Its two terms cancel to
+ * -r^2 / 2 for small r (theta >> mu, common for near-Poisson genes), so there the series
+ * sum_{k >= 2} (-1)^(k+1) (k - 1) / k r^k is used (relative error < 2e-7 for r < 0.1).
+ */
+static inline float ratio_minus_log1p(float r, float inv_1pr, float log1p_r) {
+    float p = -7.0f / 8.0f;
+    p = p * r + 6.0f / 7.0f;
+    p = p * r - 5.0f / 6.0f;
+    p = p * r + 4.0f / 5.0f;
+    p = p * r - 3.0f / 4.0f;
+    p = p * r + 2.0f / 3.0f;
+    p = p * r - 0.5f;
+    return r < 0.1f ? p * r * r : r * inv_1pr - log1p_r;
 }
 
 /* digamma for x > 0: recurrence up to x >= 6, then the asymptotic series (|error| < 1e-12) */
@@ -165,7 +190,7 @@ static inline __attribute__((always_inline)) float zinb_zero_terms(int64_t G, co
         if (gh) {
             float inv = 1.0f / (1.0f + ratio), inv_p0 = 1.0f / p0, s = q * w * inv_p0;
             gh[g] = -mu * inv * s;
-            glt[g] = th * (ratio * inv - log1p_ratio) * s;
+            glt[g] = th * ratio_minus_log1p(ratio, inv, log1p_ratio) * s;
             gz[g] = pi * q * (1.0f - w) * inv_p0;
         }
     }
@@ -187,7 +212,7 @@ static inline __attribute__((always_inline)) float nb_zero_terms(int64_t G, cons
         if (gh) {
             float inv = 1.0f / (1.0f + ratio);
             gh[g] = -mu * inv;
-            glt[g] = th * (ratio * inv - log1p_ratio);
+            glt[g] = th * ratio_minus_log1p(ratio, inv, log1p_ratio);
         }
     }
     return total;

@@ -129,9 +129,9 @@ class SparseLinear(nn.Module):
         if isinstance(x, SparseRows):
             kernel = self._kernel(x)
             if kernel is not None:
-                return _NativeSparseLinear.apply(
-                    kernel, x.row_ptr, x.cols.contiguous(), x.values.contiguous(), self.weight, self.bias
-                )
+                # the kernel reads int64 indices: any other integer type would be read out of bounds
+                row_ptr, cols = x.row_ptr.to(torch.int64).contiguous(), x.cols.to(torch.int64).contiguous()
+                return _NativeSparseLinear.apply(kernel, row_ptr, cols, x.values.contiguous(), self.weight, self.bias)
             x = x.to_dense()
         out = x @ self.weight
         return out + self.bias if self.bias is not None else out
