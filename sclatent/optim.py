@@ -109,6 +109,8 @@ class FlatAdam:
     def release(self) -> None:
         """Give every parameter its own storage back (and drop the gradients)."""
         if self.flat is None:
+            for p in self.parameters:
+                p.grad = None
             return
         for p in self.parameters:
             p.data = p.data.clone()
