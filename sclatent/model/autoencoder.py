@@ -1,0 +1,238 @@
+"""``sclatent.model.DenoisingAE``: count autoencoders for imputation (DCA-style) and their variants."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import torch
+
+from ..data import SetupError
+from ..modules.autoencoder import NORMALISED_TOTAL, AutoencoderModule
+from ..nn.noise import NOISE_KINDS
+from ._base import BaseModel
+
+
+class DenoisingAE(BaseModel):
+    """Denoising autoencoder with a count likelihood (the DCA objective) and its classic variants.
+
+    The encoder reads log-normalised expression (``log1p(x / total * 1e4)``), corrupted in training;
+    the decoder outputs a ZINB (default), NB or Poisson per gene, scaled by the cell's total counts,
+    and the loss is the likelihood of the raw counts.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`DenoisingAE.setup_anndata` (raw counts).
+    n_latent, n_hidden, n_layers
+        Bottleneck width, hidden width and hidden layers of encoder and decoder (DCA: 32, 64, 1).
+    dropout_rate
+        Dropout in the encoder's hidden layers (a regulariser, not the input corruption).
+    gene_likelihood
+        ``"zinb"``, ``"nb"``, ``"poisson"``; ``"gaussian"`` with ``linear=True``.
+    noise
+        Input corruption: ``"gaussian"`` (additive, ``noise_rate`` = std on the log scale),
+        ``"salt"`` (entries zeroed with probability ``noise_rate``), ``"masking"`` (as salt, with the
+        mask concatenated to the input) or ``"none"`` (plain bottleneck autoencoder).
+    noise_rate
+        Strength of the corruption (see ``noise``).
+    sparsity
+        Weight of an L1 penalty on the code (sparse autoencoder).
+    contractive
+        Weight of the squared Frobenius norm of the encoder's Jacobian (contractive autoencoder).
+    tied_weights
+        Decoder weights are the transposes of the encoder's.
+    linear
+        PCA as an autoencoder: linear maps, mean squared error on the gene-centred log-normalised
+        data (``gene_likelihood="gaussian"``, no noise).
+    encode_covariates
+        Condition the encoder on batch and covariates (the decoder always is).
+    seed
+        Seed of the initialisation and default seed of ``train``.
+
+    Examples
+    --------
+    >>> import sclatent
+    >>> adata = sclatent.datasets.pbmc68k_counts()
+    >>> sclatent.model.DenoisingAE.setup_anndata(adata)
+    >>> model = sclatent.model.DenoisingAE(adata, noise="masking", noise_rate=0.1)
+    >>> model.train(max_epochs=100)
+    >>> model.impute()  # adata.layers["sclatent_denoised"]
+    >>> adata.obsm["X_sclatent_dae"] = model.get_latent_representation()
+    """
+
+    module_class = AutoencoderModule
+    name = "dae"
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        n_latent: int = 32,
+        n_hidden: int = 64,
+        n_layers: int = 1,
+        dropout_rate: float = 0.0,
+        gene_likelihood: Literal["zinb", "nb", "poisson", "gaussian"] = "zinb",
+        noise: Literal["gaussian", "salt", "masking", "none"] = "gaussian",
+        noise_rate: float = 0.1,
+        sparsity: float = 0.0,
+        contractive: float = 0.0,
+        tied_weights: bool = False,
+        linear: bool = False,
+        encode_covariates: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}.")
+        if linear and gene_likelihood != "gaussian":
+            gene_likelihood = "gaussian"  # PCA as an autoencoder is defined by squared error
+        super().__init__(
+            adata,
+            seed=seed,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            gene_likelihood=gene_likelihood,
+            noise=noise,
+            noise_rate=noise_rate,
+            sparsity=sparsity,
+            contractive=contractive,
+            tied_weights=tied_weights,
+            linear=linear,
+            encode_covariates=encode_covariates,
+        )
+        if linear:
+            self.module.input_mean.copy_(self._input_mean())
+
+    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:
+        reg = self.registry
+        return dict(
+            n_genes=reg.n_genes,
+            n_batch=reg.n_batch,
+            n_cats_per_cov=reg.n_cats_per_covariate,
+            n_continuous=len(reg.continuous_covariate_keys),
+            **self.hyperparameters,
+        )
+
+    def _input_mean(self) -> torch.Tensor:
+        """Per-gene mean of the log-normalised input over the registered cells."""
+        total = torch.zeros(self.registry.n_genes)
+        n = 0
+        with torch.no_grad():
+            for batch in self._batches(None, None, 1024):
+                total += self.module.normalised_input(batch).sum(0).cpu()
+                n += batch.size
+        return total / max(1, n)
+
+    def train(
+        self,
+        max_epochs: int | None = 300,
+        train_size: float = 0.9,
+        early_stopping: bool = True,
+        patience: int = 15,
+        **kwargs: Any,
+    ) -> DenoisingAE:
+        """Fit on the registered AnnData; other arguments as :meth:`sclatent.model.VAE.train`.
+
+        Defaults follow DCA: at most 300 epochs, 10 % of the cells held out, and early stopping
+        when their reconstruction loss has not improved for 15 epochs. An autoencoder has no KL
+        term to keep it from memorising the training counts; trained to convergence it reproduces
+        their zeros, dropouts included (measured in ``benchmarks/RESULTS.md``).
+
+        History: ``train_reconstruction`` / ``validation_reconstruction`` (negative log-likelihood
+        per cell, nats; for the linear AE half the squared error) and, with penalties,
+        ``train_l1`` / ``train_contractive``.
+        """
+        kwargs.setdefault("kl_warmup_epochs", 0)
+        return super().train(
+            max_epochs=max_epochs, train_size=train_size, early_stopping=early_stopping, patience=patience, **kwargs
+        )
+
+    # ----------------------------------------------------------------- outputs
+
+    @torch.no_grad()
+    def get_latent_representation(
+        self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024
+    ) -> np.ndarray:
+        """The code of each (clean) cell.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_dae"]`` for
+        ``sc.pp.neighbors(adata, use_rep="X_sclatent_dae")``.
+        """
+        out = []
+        for batch in self._batches(adata, indices, batch_size):
+            u = self.module.noise(self.module.normalised_input(batch))
+            out.append(self.module.encode(u, batch).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.module.n_latent), np.float32)
+
+    @torch.no_grad()
+    def impute(
+        self,
+        adata: ad.AnnData | None = None,
+        layer_out: str | None = "sclatent_denoised",
+        return_matrix: bool = False,
+        include_zero_inflation: bool = False,
+        indices=None,
+        batch_size: int = 1024,
+    ) -> np.ndarray | None:
+        """Denoised expected counts, written to ``adata.layers[layer_out]`` (``X`` and every other
+        layer untouched).
+
+        Parameters
+        ----------
+        adata
+            Cells to impute (default: the training AnnData); genes must be the model's, in order,
+            to write a layer.
+        layer_out
+            Layer to write (``None``: write nothing).
+        return_matrix
+            Also return the matrix.
+        include_zero_inflation
+            ZINB only. False (default): ``mu``, the mean of the count process without the excess
+            zeros (DCA's denoised output). True: the ZINB's own mean ``(1 - pi) * mu``.
+        indices
+            Cells to impute (default all); only with ``layer_out=None``.
+
+        Returns
+        -------
+        ``(n_cells, G)`` float32 expected counts in each cell's own library size when
+        ``return_matrix``, else None.
+        """
+        target = self.adata if adata is None else adata
+        if target is None:
+            raise SetupError("This model was loaded without an AnnData; pass adata=... to impute.")
+        if layer_out is not None:
+            if indices is not None:
+                raise ValueError("indices select a subset of cells; a layer needs them all. Pass layer_out=None.")
+            if list(target.var_names) != self.var_names:
+                raise SetupError(
+                    "To write a layer the AnnData's genes must be the model's, in the same order; subset it "
+                    "first (adata[:, model.var_names]) or pass layer_out=None and use the returned matrix."
+                )
+            if layer_out == "X" or not isinstance(layer_out, str):
+                raise ValueError(f"layer_out must be a layer name (not X), got {layer_out!r}.")
+        self.module.eval()
+        out = [
+            self.module.expected_counts(batch, include_zero_inflation).cpu()
+            for batch in self._batches(adata, indices, batch_size)
+        ]
+        matrix = torch.cat(out).numpy() if out else np.zeros((0, self.registry.n_genes), np.float32)
+        if layer_out is not None:
+            target.layers[layer_out] = matrix
+        return matrix if return_matrix else None
+
+    @torch.no_grad()
+    def get_reconstruction_error(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
+        """Mean negative log-likelihood per cell of the (clean) input, nats (linear AE: half the
+        squared error on the centred log-normalised data)."""
+        total, n = 0.0, 0
+        for batch in self._batches(adata, indices, batch_size):
+            total += float(self.module.loss(batch).reconstruction.sum())
+            n += batch.size
+        return total / max(1, n)
+
+
+__all__ = ["NORMALISED_TOTAL", "DenoisingAE"]

@@ -1,0 +1,239 @@
+"""Count autoencoders as a pure ``torch.nn.Module``: the DCA objective and the classic variants.
+
+Data flow for a cell with counts ``x`` (library ``l = sum(x)``) and batch ``s``::
+
+    u      = log1p(x / l * 1e4)                   log-normalised input     (G)
+    u~     = corrupt(u)                           gaussian / salt / masking (+mask) / none
+    code   = W_c MLP(u~, s)                       bottleneck, linear       (n_latent)
+    rho    = softmax(f(code, s)), pi = g(code, s) decoder heads            (G)
+    x_g   ~ ZINB(l * rho_g, theta_g, pi_g)        or NB / Poisson; trained on the raw counts
+
+Regularisers on the same module: ``sparsity`` (L1 on the code), ``contractive`` (squared
+Frobenius norm of the encoder's Jacobian d code / d u, estimated with one Hutchinson probe per cell)
+and ``tied_weights`` (each decoder matrix is the transpose of its encoder mirror; the zero-inflation
+head stays free).
+
+``linear=True`` is PCA as an autoencoder: ``code = W_e (u - m)``, ``u^ = W_d code + m`` trained by
+mean squared error on the gene-centred ``u`` (``gene_likelihood="gaussian"``, no non-linearity, no
+noise); its decoder spans the top principal subspace at the optimum (Baldi & Hornik 1989).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.loader import MiniBatch
+from ..distributions import GENE_LIKELIHOODS, softmax_count_log_likelihood
+from ..nn import MLP
+from ..nn.noise import InputNoise
+from ._base import LossOutput
+
+AUTOENCODER_LIKELIHOODS = (*GENE_LIKELIHOODS, "gaussian")
+NORMALISED_TOTAL = 1e4
+
+
+class TiedLinear(nn.Module):
+    """``x @ source.weight[:, :n_out] + bias``: the transpose of another layer's weight, own bias.
+
+    The source is referenced, not registered, so its weight is stored (and optimised) once.
+    """
+
+    def __init__(self, source: nn.Module, n_out: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_source", source)
+        self.n_out = n_out
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._source.weight  # (n_source_out, n_source_in): its rows are our inputs
+        return torch.addmm(self.bias, x, weight[:, : self.n_out])
+
+
+class AutoencoderModule(nn.Module):
+    """(Denoising) autoencoder with a count likelihood.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes ``G``.
+    n_batch, n_cats_per_cov, n_continuous
+        Batch and covariates, fed to the decoder (and to the encoder with ``encode_covariates``).
+    n_latent, n_hidden, n_layers, dropout_rate, use_batch_norm
+        Bottleneck width and the hidden MLPs of encoder and decoder.
+    gene_likelihood
+        ``"zinb"``, ``"nb"``, ``"poisson"`` on the counts, or ``"gaussian"`` (mean squared error on
+        the centred log-normalised input; the linear AE).
+    noise, noise_rate
+        Input corruption (:class:`sclatent.nn.noise.InputNoise`).
+    sparsity, contractive
+        Weights of the L1 penalty on the code and of the contractive penalty (per cell).
+    tied_weights
+        Decoder matrices are the transposes of the encoder's.
+    linear
+        PCA as an autoencoder: one linear map each way, no hidden layers.
+    encode_covariates
+        Feed batch and covariates to the encoder too.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_batch: int = 1,
+        n_cats_per_cov: list[int] = (),
+        n_continuous: int = 0,
+        n_latent: int = 32,
+        n_hidden: int = 64,
+        n_layers: int = 1,
+        dropout_rate: float = 0.0,
+        use_batch_norm: bool = True,
+        gene_likelihood: str = "zinb",
+        noise: str = "gaussian",
+        noise_rate: float = 0.1,
+        sparsity: float = 0.0,
+        contractive: float = 0.0,
+        tied_weights: bool = False,
+        linear: bool = False,
+        encode_covariates: bool = True,
+    ) -> None:
+        super().__init__()
+        if gene_likelihood not in AUTOENCODER_LIKELIHOODS:
+            raise ValueError(f"gene_likelihood must be one of {AUTOENCODER_LIKELIHOODS}, got {gene_likelihood!r}.")
+        if linear != (gene_likelihood == "gaussian"):
+            raise ValueError(
+                "linear=True (PCA as an autoencoder) goes with gene_likelihood='gaussian', and the Gaussian "
+                "likelihood only with linear=True."
+            )
+        if sparsity < 0 or contractive < 0:
+            raise ValueError("sparsity and contractive weights must be >= 0.")
+        self.n_genes, self.n_latent, self.n_batch = n_genes, n_latent, n_batch
+        self.gene_likelihood, self.linear, self.tied_weights = gene_likelihood, linear, tied_weights
+        self.sparsity, self.contractive = float(sparsity), float(contractive)
+        self.encode_covariates = encode_covariates
+        self.noise = InputNoise(noise if not linear else "none", noise_rate if not linear else 0.0)
+        # gene means of the log-normalised input, for centring the linear AE (set by the model class)
+        self.register_buffer("input_mean", torch.zeros(n_genes))
+        n_in = self.noise.output_width(n_genes)
+        cats = [n_batch, *n_cats_per_cov]
+        if linear:
+            self.encoder = None
+            self.code = nn.Linear(n_genes, n_latent, bias=False)
+            self.decoder = None
+            self.out = TiedLinear(self.code, n_genes) if tied_weights else nn.Linear(n_latent, n_genes)
+            return
+        mlp = dict(n_layers=n_layers, use_batch_norm=use_batch_norm, n_continuous=n_continuous)
+        self.encoder = MLP(
+            n_in,
+            n_hidden,
+            n_cats_per_cov=cats if encode_covariates else [],
+            dropout_rate=dropout_rate,
+            **dict(mlp, n_continuous=n_continuous if encode_covariates else 0),
+        )
+        self.code = nn.Linear(n_hidden, n_latent)
+        self.decoder = MLP(n_latent, n_hidden, n_cats_per_cov=cats, dropout_rate=0.0, **mlp)
+        n_heads = 2 if gene_likelihood == "zinb" else 1
+        if tied_weights:
+            # mirror the encoder: decoder layer i is the transpose of encoder layer n_layers - 1 - i
+            # (the first decoder layer mirrors the code layer), the scale head mirrors the input layer
+            self.decoder.layers[0].linear = TiedLinear(self.code, n_hidden)
+            for i in range(1, n_layers):
+                self.decoder.layers[i].linear = TiedLinear(self.encoder.layers[n_layers - i].linear, n_hidden)
+            self.out = TiedLinear(self.encoder.layers[0].linear, n_genes)
+            self.zi_out = nn.Linear(n_hidden, n_genes) if n_heads == 2 else None
+        else:
+            self.out = nn.Linear(n_hidden, n_heads * n_genes)
+            self.zi_out = None
+        self.log_theta = nn.Parameter(torch.randn(1, n_genes)) if gene_likelihood in ("zinb", "nb") else None
+
+    # -------------------------------------------------------------------- pieces
+
+    def normalised_input(self, batch: MiniBatch) -> torch.Tensor:
+        """``(B, G)`` log1p of counts scaled to 1e4 per cell (centred for the linear AE)."""
+        library = batch.library.clamp(min=1.0).unsqueeze(-1)
+        u = torch.log1p(batch.counts * (NORMALISED_TOTAL / library))
+        return u - self.input_mean if self.linear else u
+
+    def _covariates(self, batch: MiniBatch) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        cats = [batch.batch_index, *batch.categorical_covariates.unbind(-1)]
+        cont = batch.continuous_covariates if batch.continuous_covariates.shape[-1] else None
+        return cats, cont
+
+    def encode(self, u: torch.Tensor, batch: MiniBatch) -> torch.Tensor:
+        """Code ``(B, n_latent)`` of an (already corrupted) input ``u``."""
+        if self.linear:
+            return self.code(u)
+        cats, cont = self._covariates(batch)
+        if not self.encode_covariates:
+            cats, cont = [], None
+        return self.code(self.encoder(u, cats, cont))
+
+    def decode(self, code: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor | None]:
+        """Decoder heads: ``logits`` ``(B, G)`` before the softmax over genes (for the linear AE:
+        the reconstructed centred input), ``zi_logits`` (ZINB) and ``log_theta`` ``(1, G)``."""
+        if self.linear:
+            return {"logits": self.out(code), "zi_logits": None, "log_theta": None}
+        cats, cont = self._covariates(batch)
+        h = self.decoder(code, cats, cont)
+        if self.zi_out is not None:
+            return {"logits": self.out(h), "zi_logits": self.zi_out(h), "log_theta": self.log_theta}
+        heads = self.out(h).split(self.n_genes, dim=-1)
+        zi = heads[1] if self.gene_likelihood == "zinb" else None
+        return {"logits": heads[0], "zi_logits": zi, "log_theta": self.log_theta}
+
+    def expected_counts(self, batch: MiniBatch, include_zero_inflation: bool = False) -> torch.Tensor:
+        """``(B, G)`` denoised expected counts at each cell's own library: ``l * rho`` (the mean of
+        the NB/Poisson component, DCA's output); times ``1 - pi`` with ``include_zero_inflation``
+        (the ZINB's mean). For the linear AE: the reconstruction mapped back to counts,
+        ``expm1(u^) * l / 1e4``."""
+        code = self.encode(self.noise(self.normalised_input(batch)), batch)
+        heads = self.decode(code, batch)
+        library = batch.library.clamp(min=1.0).unsqueeze(-1)
+        if self.linear:
+            u = heads["logits"] + self.input_mean
+            return torch.expm1(u).clamp(min=0.0) * (library / NORMALISED_TOTAL)
+        mean = torch.softmax(heads["logits"], dim=-1) * library
+        if include_zero_inflation and heads["zi_logits"] is not None:
+            mean = mean * torch.sigmoid(-heads["zi_logits"])
+        return mean
+
+    # -------------------------------------------------------------------- objective
+
+    def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
+        """Per-cell negative log-likelihood of the clean counts given the corrupted input, plus the
+        penalties (``extra``: ``l1``, ``contractive``). ``kl_weight`` is unused (no KL)."""
+        u = self.noise(self.normalised_input(batch))
+        penalise_jacobian = self.contractive > 0 and self.training
+        if penalise_jacobian:
+            u = u.detach().requires_grad_(True)
+        code = self.encode(u, batch)
+        heads = self.decode(code, batch)
+        if self.linear:
+            target = self.normalised_input(batch)
+            reconstruction = 0.5 * ((heads["logits"] - target) ** 2).sum(-1)
+        else:
+            log_library = torch.log(batch.library.clamp(min=1.0)).unsqueeze(-1)
+            reconstruction = -softmax_count_log_likelihood(
+                self.gene_likelihood,
+                heads["logits"],
+                log_library,
+                heads["log_theta"],
+                heads["zi_logits"],
+                batch.nz_row,
+                batch.nz_col,
+                batch.nz_val,
+                batch.nz_log_factorial,
+                batch.nz_row_ptr,
+            )
+        total = reconstruction
+        extra = {}
+        if self.sparsity > 0:
+            extra["l1"] = code.abs().sum(-1)
+            total = total + self.sparsity * extra["l1"]
+        if penalise_jacobian:
+            # Hutchinson: E_v ||v^T J||^2 = ||J||_F^2 for v ~ N(0, I); one probe per cell
+            probe = torch.randn_like(code)
+            (vjp,) = torch.autograd.grad((code * probe).sum(), u, create_graph=True)
+            extra["contractive"] = (vjp**2).sum(-1)
+            total = total + self.contractive * extra["contractive"]
+        zeros = torch.zeros_like(reconstruction)
+        return LossOutput(loss=total.mean(), reconstruction=reconstruction, kl=zeros, extra=extra)
