@@ -11,8 +11,9 @@ corruption are dropped, with their hidden entries, for everyone) and scored by t
 between its expected counts and the true counts at the hidden entries. Methods:
 
 * ``dae``: ``sclatent.model.DenoisingAE`` with its defaults (DCA's architecture: 64-32-64, ZINB,
-  Gaussian input noise; 10 % of the cells held out, early stopping after 15 epochs without
-  improvement, at most the dataset's epochs), expected counts ``l * rho`` at each cell's own library;
+  masking input noise 0.1; 10 % of the cells held out, early stopping (patience 15, best epoch
+  restored) on the likelihood of 10 % of their nonzero counts hidden from the input, at most the
+  dataset's epochs), expected counts ``l * rho`` at each cell's own library;
 * ``dae_fixed``: the same model trained for the dataset's full epochs on all cells (no early
   stopping), to show what early stopping does to this metric;
 * ``vae``: ``sclatent.model.VAE`` with scVI's architecture (as in ``bench_vae.py``: fixed epochs);
@@ -199,7 +200,7 @@ def _train_dae(adata, batch_key, cfg) -> tuple[object, dict]:
     from sclatent.model import DenoisingAE
 
     DenoisingAE.setup_anndata(adata, layer="counts", batch_key=batch_key)
-    model = DenoisingAE(adata, seed=cfg["seed"])  # the defaults: 32 latent, 64 hidden, ZINB, Gaussian noise 0.1
+    model = DenoisingAE(adata, seed=cfg["seed"])  # the defaults: 32 latent, 64 hidden, ZINB, masking noise 0.1
     stopping = EARLY_STOPPING if cfg["method"] == "dae" else {"train_size": 1.0, "early_stopping": False}
     start = time.perf_counter()
     model.train(
@@ -614,7 +615,8 @@ def main(argv=None) -> int:
         "corruption_rate": CORRUPTION_RATE,
         "corruptions": args.corruptions,
         "methods": args.methods,
-        "dae": "DenoisingAE defaults (n_latent 32, n_hidden 64, 1 layer, ZINB, gaussian noise 0.1)",
+        "dae": "DenoisingAE defaults (n_latent 32, n_hidden 64, 1 layer, ZINB, masking noise 0.1, "
+        "masked-count early stopping)",
         "vae_scvi": {
             "n_hidden": N_HIDDEN,
             "n_layers": N_LAYERS,

@@ -34,8 +34,13 @@ class TrainingPlan:
     kl_warmup_epochs
         The KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up).
     early_stopping
-        Stop when the monitored loss has not improved by ``min_delta`` for ``patience`` epochs.
-        The validation ELBO is monitored when there are validation cells, else the training one.
+        Stop when the monitored quantity has not improved by ``min_delta`` for ``patience`` epochs.
+    monitor
+        What early stopping watches: ``"elbo"`` (maximised) or the name of another per-cell term a
+        module reports (``LossOutput.extra``, minimised), on the validation cells when there are
+        some, else on the training cells.
+    restore_best
+        With early stopping, end with the parameters of the best monitored epoch rather than the last.
     """
 
     max_epochs: int
@@ -47,6 +52,8 @@ class TrainingPlan:
     early_stopping: bool = False
     patience: int = 45
     min_delta: float = 0.0
+    monitor: str = "elbo"
+    restore_best: bool = False
 
     def kl_weight(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
         if self.kl_warmup_epochs <= 0:
@@ -146,6 +153,7 @@ def _fit(
     steps_per_epoch = n_train // plan.batch_size if drop_last else math.ceil(n_train / plan.batch_size)
     history: dict[str, list[float]] = {}
     best, epochs_without_improvement = math.inf, 0
+    best_state: dict[str, torch.Tensor] | None = None
     epochs = tqdm(range(plan.max_epochs), desc=description, disable=not progress_bar, unit="epoch")
     module.train()
     for epoch in epochs:
@@ -174,7 +182,7 @@ def _fit(
                 f"Training diverged at epoch {epoch + 1} (loss {record['train_loss']}). "
                 "Lower the learning rate or check the input for extreme counts."
             )
-        monitored = -record.get("validation_elbo", record["train_elbo"])
+
         epochs.set_postfix(
             {
                 "elbo": f"{record['train_elbo']:.1f}",
@@ -182,10 +190,25 @@ def _fit(
             }
         )
         if plan.early_stopping:
+            monitored = _monitored(record, plan.monitor)
             if monitored < best - plan.min_delta:
                 best, epochs_without_improvement = monitored, 0
+                if plan.restore_best:
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             else:
                 epochs_without_improvement += 1
                 if epochs_without_improvement >= plan.patience:
                     break
+    if best_state is not None:
+        module.load_state_dict(best_state)
     return history
+
+
+def _monitored(record: dict[str, float], monitor: str) -> float:
+    """The early-stopping quantity of one epoch's record, as a loss (lower is better)."""
+    if monitor == "elbo":
+        return -record.get("validation_elbo", record["train_elbo"])
+    key = f"validation_{monitor}" if f"validation_{monitor}" in record else f"train_{monitor}"
+    if key not in record:
+        raise KeyError(f"early stopping monitors {monitor!r}, which the module does not report.")
+    return record[key]

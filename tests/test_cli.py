@@ -203,3 +203,53 @@ def test_module_entry_point_needs_a_command():
     result = _run_module()
     assert result.returncode == 2
     assert "fit-vae" in result.stderr
+
+
+# --------------------------------------------------------------------------- fit-dae
+
+
+@pytest.fixture(scope="module")
+def dae_run(tmp_path_factory, single_thread):
+    """One ``fit-dae`` run on the embedded PBMC default."""
+    out = tmp_path_factory.mktemp("cli_dae") / "pbmc_dae.h5ad"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["fit-dae", "--out", str(out), "--max-epochs", "3", "--no-progress", "--noise", "masking"])
+    return code, out, stdout.getvalue()
+
+
+def test_fit_dae_writes_code_denoised_layer_clusters_model_and_figures(dae_run):
+    code, out, stdout = dae_run
+    assert code == 0
+    adata = ad.read_h5ad(out)
+    assert adata.obsm["X_sclatent_dae"].shape == (adata.n_obs, 32)
+    assert np.isfinite(adata.obsm["X_sclatent_dae"]).all()
+    denoised = adata.layers["sclatent_denoised"]
+    assert denoised.shape == adata.shape and (np.asarray(denoised) >= 0).all()
+    # denoised counts keep each cell's depth: rows sum to the observed totals of the raw counts
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    np.testing.assert_allclose(np.asarray(denoised).sum(1), totals, rtol=1e-3)
+    assert adata.obs["leiden_sclatent_dae"].nunique() > 1
+    assert adata.obsm["X_umap"].shape == (adata.n_obs, 2)
+    stem = out.with_suffix("")
+    for png in (Path(f"{stem}_umap.png"), Path(f"{stem}_training.png")):
+        assert min(_png_size(png)) > 100
+    from sclatent.model import DenoisingAE
+
+    loaded = DenoisingAE.load(Path(f"{stem}_model"), adata=adata)
+    assert loaded.hyperparameters["noise"] == "masking"
+    np.testing.assert_allclose(loaded.get_latent_representation(), adata.obsm["X_sclatent_dae"], rtol=1e-5, atol=1e-6)
+    assert "Leiden vs 'bulk_labels'" in stdout and "scanpy PCA baseline" in stdout
+    assert re.search(r"held-out NLL\s+[0-9.]+ nats/cell", stdout)
+
+
+def test_fit_dae_reports_bad_input_without_a_traceback(tmp_path):
+    bad = synthetic(n_cells=60, n_genes=30, seed=0)
+    bad.X = bad.X.astype(np.float32) * 0.5  # fractional counts
+    path = tmp_path / "bad.h5ad"
+    bad.write_h5ad(path)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["fit-dae", str(path), "--out", str(tmp_path / "o.h5ad"), "--max-epochs", "1", "--no-progress"])
+    assert code == 2
+    assert "allow-non-integer" in stderr.getvalue() or "allow_non_integer" in stderr.getvalue()

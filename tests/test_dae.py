@@ -206,7 +206,7 @@ def test_masking_module_encoder_reads_input_and_mask(tied):
         module.eval()
     assert torch.isfinite(out.loss)
     assert heads["logits"].shape == (150, n_genes)
-    train_input, eval_input = seen
+    train_input, eval_input = seen[:2]  # (eval also encodes once more for the masked-count score)
     assert train_input.shape == eval_input.shape == (150, 2 * n_genes)
     values, mask = train_input[:, :n_genes], train_input[:, n_genes:]
     assert set(mask.unique().tolist()) == {0.0, 1.0}
@@ -575,8 +575,9 @@ def test_variant_trains_and_round_trips(variant, tmp_path):
 
 def test_tied_weights_share_the_encoder_matrices():
     n_genes, n_hidden, n_latent = 30, 16, 4
-    tied = AutoencoderModule(n_genes, n_hidden=n_hidden, n_latent=n_latent, n_layers=2, tied_weights=True)
-    free = AutoencoderModule(n_genes, n_hidden=n_hidden, n_latent=n_latent, n_layers=2)
+    kwargs = dict(n_hidden=n_hidden, n_latent=n_latent, n_layers=2, noise="gaussian")
+    tied = AutoencoderModule(n_genes, tied_weights=True, **kwargs)
+    free = AutoencoderModule(n_genes, **kwargs)
     n_tied = sum(p.numel() for p in tied.parameters())
     n_free = sum(p.numel() for p in free.parameters())
     # the decoder's matrices (latent->hidden, hidden->hidden, hidden->genes) are not stored again
@@ -621,7 +622,7 @@ def penalty_models():
     DenoisingAE.setup_anndata(adata)
     models = {}
     for name, options in {"plain": {}, "sparse": dict(sparsity=1.0), "contractive": dict(contractive=5.0)}.items():
-        model = DenoisingAE(adata, n_latent=6, n_hidden=32, seed=0, **options)
+        model = DenoisingAE(adata, n_latent=6, n_hidden=32, noise="gaussian", seed=0, **options)
         models[name] = model.train(max_epochs=EPOCHS_PENALTY, batch_size=60, lr=3e-3, **TRAIN)
     return adata, models
 
@@ -764,3 +765,41 @@ def test_batch_conditioning_learns_the_batch_effect():
         encoding.get_latent_representation(relabelled["batch_0"]),
         encoding.get_latent_representation(relabelled["batch_1"]),
     )
+
+
+def test_early_stopping_on_masked_counts_restores_the_best_epoch():
+    """The default training stops on the held-out cells' hidden-count likelihood and ends with the best
+    epoch's parameters: re-scoring the final model gives the minimum of the recorded curve."""
+    from sclatent.train import evaluate
+
+    adata = _small(n_cells=200, n_genes=40, seed=2)
+    DenoisingAE.setup_anndata(adata)
+    model = DenoisingAE(adata, n_latent=4, n_hidden=16, seed=0)
+    model.train(max_epochs=60, patience=3, batch_size=50, progress_bar=False, accelerator="cpu")
+    curve = model.history["validation_masked_nll"]
+    assert len(curve) == len(model.history["epoch"]) and len(model.validation_indices) == 20
+    final = evaluate(model.module, model._data(), model.validation_indices)["masked_nll"]
+    assert final == pytest.approx(min(curve), rel=1e-5)
+    if len(curve) < 60:  # stopped early: patience epochs after the best one
+        assert len(curve) - 1 - int(np.argmin(curve)) == 3
+
+
+def test_masked_nll_scores_only_hidden_counts_and_is_deterministic():
+    adata = _small(n_cells=80, n_genes=30, seed=3)
+    DenoisingAE.setup_anndata(adata)
+    model = DenoisingAE(adata, n_latent=3, n_hidden=8, seed=0)
+    batch = next(iter(model._batches(None, None, 80)))
+    first, again = model.module.masked_nll(batch), model.module.masked_nll(batch)
+    assert torch.equal(first, again)  # same hidden entries every epoch
+    assert (first >= 0).all() and (first > 0).any()
+    assert torch.equal(model.module.masked_nll(batch, rate=0.0), torch.zeros(batch.size))
+    more = model.module.masked_nll(batch, rate=0.5)
+    assert more.sum() > first.sum()  # five times the hidden counts, each with a positive NLL
+
+
+def test_unknown_early_stopping_monitor_is_refused():
+    adata = _small(n_cells=60, n_genes=20, seed=4)
+    DenoisingAE.setup_anndata(adata)
+    model = DenoisingAE(adata, n_latent=2, n_hidden=8)
+    with pytest.raises(KeyError, match="does not report"):
+        model.train(max_epochs=2, monitor="no_such_term", progress_bar=False)

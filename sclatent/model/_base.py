@@ -144,6 +144,8 @@ class BaseModel:
         early_stopping: bool = False,
         patience: int = 45,
         kl_warmup_epochs: int | None = None,
+        monitor: str = "elbo",
+        restore_best: bool = False,
         seed: int | None = None,
         progress_bar: bool = True,
         data_on_device: bool | None = None,
@@ -164,7 +166,10 @@ class BaseModel:
             Fraction of (non-empty) cells used for training; the rest is held out, monitored each
             epoch, and available as ``validation_indices`` for held-out likelihoods.
         early_stopping, patience
-            Stop when the held-out ELBO has not improved for ``patience`` epochs.
+            Stop when the held-out ELBO (or ``monitor``) has not improved for ``patience`` epochs.
+        monitor, restore_best
+            What early stopping watches (``"elbo"`` or a loss term the model reports), and whether
+            to end with the best epoch's parameters.
         kl_warmup_epochs
             Epochs over which the KL weight rises to 1; default ``min(400, max_epochs // 3)``.
         seed
@@ -202,6 +207,8 @@ class BaseModel:
             kl_warmup_epochs=kl_warmup_epochs,
             early_stopping=early_stopping,
             patience=patience,
+            monitor=monitor,
+            restore_best=restore_best,
         )
         history = fit(
             self.module,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..data.loader import MiniBatch
-from ..distributions import GENE_LIKELIHOODS, softmax_count_log_likelihood
+from ..distributions import GENE_LIKELIHOODS, log_prob, softmax_count_log_likelihood
 from ..nn import MLP
 from ..nn.noise import InputNoise
 from ._base import LossOutput
@@ -74,6 +74,10 @@ class AutoencoderModule(nn.Module):
         PCA as an autoencoder: one linear map each way, no hidden layers.
     encode_covariates
         Feed batch and covariates to the encoder too.
+    validation_mask_rate
+        In evaluation, also report ``masked_nll``: the negative log-likelihood of a fixed random
+        fraction of each cell's nonzero counts, hidden from the input and predicted from the rest
+        (the imputation task; what :class:`sclatent.model.DenoisingAE` early-stops on). 0: off.
     """
 
     def __init__(
@@ -88,13 +92,14 @@ class AutoencoderModule(nn.Module):
         dropout_rate: float = 0.0,
         use_batch_norm: bool = True,
         gene_likelihood: str = "zinb",
-        noise: str = "gaussian",
+        noise: str = "masking",
         noise_rate: float = 0.1,
         sparsity: float = 0.0,
         contractive: float = 0.0,
         tied_weights: bool = False,
         linear: bool = False,
         encode_covariates: bool = True,
+        validation_mask_rate: float = 0.1,
     ) -> None:
         super().__init__()
         if gene_likelihood not in AUTOENCODER_LIKELIHOODS:
@@ -110,6 +115,9 @@ class AutoencoderModule(nn.Module):
         self.gene_likelihood, self.linear, self.tied_weights = gene_likelihood, linear, tied_weights
         self.sparsity, self.contractive = float(sparsity), float(contractive)
         self.encode_covariates = encode_covariates
+        if not 0.0 <= validation_mask_rate < 1.0:
+            raise ValueError(f"validation_mask_rate must be in [0, 1), got {validation_mask_rate}.")
+        self.validation_mask_rate = 0.0 if linear else float(validation_mask_rate)
         self.noise = InputNoise(noise if not linear else "none", noise_rate if not linear else 0.0)
         # gene means of the log-normalised input, for centring the linear AE (set by the model class)
         self.register_buffer("input_mean", torch.zeros(n_genes))
@@ -147,10 +155,14 @@ class AutoencoderModule(nn.Module):
 
     # -------------------------------------------------------------------- pieces
 
-    def normalised_input(self, batch: MiniBatch) -> torch.Tensor:
-        """``(B, G)`` log1p of counts scaled to 1e4 per cell (centred for the linear AE)."""
-        library = batch.library.clamp(min=1.0).unsqueeze(-1)
-        u = torch.log1p(batch.counts * (NORMALISED_TOTAL / library))
+    def normalised_input(self, batch: MiniBatch, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, G)`` log1p of counts scaled to 1e4 per cell (centred for the linear AE); ``counts``
+        replaces the batch's (dense) counts if given."""
+        if counts is None:
+            counts, library = batch.counts, batch.library.clamp(min=1.0).unsqueeze(-1)
+        else:
+            library = counts.sum(-1, keepdim=True).clamp(min=1.0)
+        u = torch.log1p(counts * (NORMALISED_TOTAL / library))
         return u - self.input_mean if self.linear else u
 
     def _covariates(self, batch: MiniBatch) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -196,6 +208,32 @@ class AutoencoderModule(nn.Module):
             mean = mean * torch.sigmoid(-heads["zi_logits"])
         return mean
 
+    @torch.no_grad()
+    def masked_nll(self, batch: MiniBatch, rate: float | None = None, seed: int = 0) -> torch.Tensor:
+        """``(B,)`` negative log-likelihood of hidden nonzero counts given the visible ones.
+
+        A fraction ``rate`` (default ``validation_mask_rate``) of the batch's nonzero entries,
+        drawn with a fixed ``seed`` (the same entries every epoch for the same cells), is zeroed in
+        the input; the model predicts them from the rest at the cell's visible total count, as
+        when imputing. Nats per cell, summed over its hidden entries.
+        """
+        rate = self.validation_mask_rate if rate is None else rate
+        generator = torch.Generator(device=batch.nz_val.device).manual_seed(seed)
+        hidden = torch.rand(batch.nz_val.shape, generator=generator, device=batch.nz_val.device) < rate
+        rows, cols, values = batch.nz_row[hidden], batch.nz_col[hidden], batch.nz_val[hidden]
+        visible = batch.counts.clone()
+        visible[rows, cols] = 0.0
+        code = self.encode(self.noise(self.normalised_input(batch, visible)), batch)
+        heads = self.decode(code, batch)
+        library = visible.sum(-1).clamp(min=1.0)
+        mu = torch.softmax(heads["logits"], dim=-1)[rows, cols] * library[rows]
+        theta = (
+            None if heads["log_theta"] is None else torch.exp(heads["log_theta"]).expand_as(heads["logits"])[rows, cols]
+        )
+        zi = None if heads["zi_logits"] is None else heads["zi_logits"][rows, cols]
+        per_entry = -log_prob(self.gene_likelihood, values, mu, theta, zi)
+        return torch.zeros(batch.size, dtype=per_entry.dtype, device=per_entry.device).index_add_(0, rows, per_entry)
+
     # -------------------------------------------------------------------- objective
 
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
@@ -235,5 +273,7 @@ class AutoencoderModule(nn.Module):
             (vjp,) = torch.autograd.grad((code * probe).sum(), u, create_graph=True)
             extra["contractive"] = (vjp**2).sum(-1)
             total = total + self.contractive * extra["contractive"]
+        if not self.training and self.validation_mask_rate > 0:
+            extra["masked_nll"] = self.masked_nll(batch)
         zeros = torch.zeros_like(reconstruction)
         return LossOutput(loss=total.mean(), reconstruction=reconstruction, kl=zeros, extra=extra)
