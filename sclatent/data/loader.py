@@ -80,6 +80,13 @@ class MiniBatch:
     def size(self) -> int:
         return self.cell_index.numel()
 
+    def covariates(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """What a covariate-injected layer reads: the batch and categorical codes (``(B,)`` each,
+        batch first) and the continuous covariates (``(B, C)``, None when there are none)."""
+        cats = [self.batch_index, *self.categorical_covariates.unbind(-1)]
+        cont = self.continuous_covariates if self.continuous_covariates.shape[-1] else None
+        return cats, cont
+
     def select_rows(self, begin: int, end: int, row_ptr: list[int] | None = None) -> MiniBatch:
         """Cells ``begin:end`` of this minibatch as a minibatch (mostly views).
 

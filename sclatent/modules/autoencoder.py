@@ -165,16 +165,11 @@ class AutoencoderModule(nn.Module):
         u = torch.log1p(counts * (NORMALISED_TOTAL / library))
         return u - self.input_mean if self.linear else u
 
-    def _covariates(self, batch: MiniBatch) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        cats = [batch.batch_index, *batch.categorical_covariates.unbind(-1)]
-        cont = batch.continuous_covariates if batch.continuous_covariates.shape[-1] else None
-        return cats, cont
-
     def encode(self, u: torch.Tensor, batch: MiniBatch) -> torch.Tensor:
         """Code ``(B, n_latent)`` of an (already corrupted) input ``u``."""
         if self.linear:
             return self.code(u)
-        cats, cont = self._covariates(batch)
+        cats, cont = batch.covariates()
         if not self.encode_covariates:
             cats, cont = [], None
         return self.code(self.encoder(u, cats, cont))
@@ -184,7 +179,7 @@ class AutoencoderModule(nn.Module):
         the reconstructed centred input), ``zi_logits`` (ZINB) and ``log_theta`` ``(1, G)``."""
         if self.linear:
             return {"logits": self.out(code), "zi_logits": None, "log_theta": None}
-        cats, cont = self._covariates(batch)
+        cats, cont = batch.covariates()
         h = self.decoder(code, cats, cont)
         if self.zi_out is not None:
             return {"logits": self.out(h), "zi_logits": self.zi_out(h), "log_theta": self.log_theta}

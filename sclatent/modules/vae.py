@@ -124,12 +124,6 @@ class VAEModule(nn.Module):
 
     # -------------------------------------------------------------------- pieces
 
-    @staticmethod
-    def _covariates(batch: MiniBatch) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        cats = [batch.batch_index, *batch.categorical_covariates.unbind(-1)]
-        cont = batch.continuous_covariates if batch.continuous_covariates.shape[-1] else None
-        return cats, cont
-
     def inference(self, batch: MiniBatch, n_samples: int = 1) -> dict[str, torch.Tensor]:
         """Posterior parameters and samples.
 
@@ -137,7 +131,7 @@ class VAEModule(nn.Module):
         axis when ``n_samples == 1``), ``log_library`` (same leading shape, trailing ``1``) and for
         a latent library ``ql_mean, ql_var`` ``(B, 1)``.
         """
-        cats, cont = self._covariates(batch)
+        cats, cont = batch.covariates()
         if not self.encode_covariates:
             cats, cont = [], None
         x = SparseRows.from_coordinates(batch.nz_row, batch.nz_col, torch.log1p(batch.nz_val), batch.size, self.n_genes)
@@ -161,7 +155,7 @@ class VAEModule(nn.Module):
     def _decode(self, z: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor | None]:
         """Decoder heads for ``z`` (``(..., B, n_latent)``): ``logits`` (before the softmax over
         genes), ``zi_logits`` (ZINB) and ``log_theta`` (broadcastable to ``(..., B, G)``)."""
-        cats, cont = self._covariates(batch)
+        cats, cont = batch.covariates()
         lead = z.shape[:-1]
         if z.dim() > 2:  # flatten the sample axis: the decoder's BatchNorm expects 2-D input
             cats = [c.expand(*lead).reshape(-1) for c in cats]
