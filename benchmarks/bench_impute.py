@@ -2,9 +2,12 @@
 
 For each dataset and each way of hiding 10 % of the entries (``sclatent.metrics.corrupt_counts``):
 
-* ``uniform``: 10 % of the nonzero counts set to zero (the scVI paper's protocol);
-* ``entries``: 10 % of all entries hidden, zeros included (the hidden true zeros are scored too);
-* ``binomial``: 10 % of the nonzero counts thinned to Binomial(x, 0.2);
+* ``uniform``: 10 % of the nonzero counts set to zero (the scVI paper's protocol, its "uniform
+  zero-inflation");
+* ``binomial``: 10 % of the nonzero counts thinned to Binomial(x, 0.2) (the paper's "binomial data
+  corruption");
+* ``entries`` (added here): 10 % of all entries hidden, zeros included (the hidden true zeros are
+  scored too, so over-prediction at zeros counts);
 
 every method is fitted on the same corrupted matrix (all non-empty cells; cells emptied by the
 corruption are dropped, with their hidden entries, for everyone) and scored by the median L1 error
