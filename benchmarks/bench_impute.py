@@ -82,6 +82,7 @@ from bench_vae import (
     environment,
     load_dataset,
     pca_embedding,
+    warn_if_busy,
 )
 
 CORRUPTIONS = ("uniform", "entries", "binomial")
@@ -205,6 +206,13 @@ def _train_dae(adata, batch_key, cfg) -> tuple[object, dict]:
     DenoisingAE.setup_anndata(adata, layer="counts", batch_key=batch_key)
     model = DenoisingAE(adata, seed=cfg["seed"])  # the defaults: 32 latent, 64 hidden, ZINB, masking noise 0.1
     stopping = EARLY_STOPPING if cfg["method"] == "dae" else {"train_size": 1.0, "early_stopping": False}
+    timing = _timed_training(model, cfg, **stopping)
+    rec = model.history.get("train_reconstruction")
+    return model, {**timing, "final_train_reconstruction": float(rec[-1]) if rec else None}
+
+
+def _timed_training(model, cfg, **train_kwargs) -> dict:
+    """``model.train`` with the benchmark's shared settings; wall time and per-epoch seconds."""
     start = time.perf_counter()
     model.train(
         max_epochs=cfg["epochs"],
@@ -212,14 +220,15 @@ def _train_dae(adata, batch_key, cfg) -> tuple[object, dict]:
         seed=cfg["seed"],
         progress_bar=False,
         accelerator=cfg["accelerator"],
-        **stopping,
+        **train_kwargs,
     )
     _sync(cfg["accelerator"])
-    seconds = time.perf_counter() - start
     epoch_seconds = list(model.history.get("seconds", []))
-    rec = model.history.get("train_reconstruction")
-    extra = {"final_train_reconstruction": float(rec[-1]) if rec else None}
-    return model, {"train_seconds": seconds, "epoch_seconds": epoch_seconds, "epochs_run": len(epoch_seconds), **extra}
+    return {
+        "train_seconds": time.perf_counter() - start,
+        "epoch_seconds": epoch_seconds,
+        "epochs_run": len(epoch_seconds),
+    }
 
 
 def _train_vae_early_stopping(adata, batch_key, cfg) -> tuple[object, dict]:
@@ -228,20 +237,7 @@ def _train_vae_early_stopping(adata, batch_key, cfg) -> tuple[object, dict]:
 
     VAE.setup_anndata(adata, layer="counts", batch_key=batch_key)
     model = VAE(adata, n_latent=10, n_hidden=128, n_layers=1, encode_covariates=False, seed=cfg["seed"])
-    start = time.perf_counter()
-    model.train(
-        max_epochs=cfg["epochs"],
-        batch_size=BATCH_SIZE,
-        kl_warmup_epochs=cfg["kl_warmup_epochs"],
-        seed=cfg["seed"],
-        progress_bar=False,
-        accelerator=cfg["accelerator"],
-        **EARLY_STOPPING,
-    )
-    _sync(cfg["accelerator"])
-    seconds = time.perf_counter() - start
-    epoch_seconds = list(model.history.get("seconds", []))
-    return model, {"train_seconds": seconds, "epoch_seconds": epoch_seconds, "epochs_run": len(epoch_seconds)}
+    return model, _timed_training(model, cfg, kl_warmup_epochs=cfg["kl_warmup_epochs"], **EARLY_STOPPING)
 
 
 def _dae_expected_counts(model, n_cells: int) -> np.ndarray:
@@ -600,13 +596,7 @@ def main(argv=None) -> int:
         f"{args.threads} thread(s) | {args.accelerator_resolved} | methods {','.join(args.methods)}",
         flush=True,
     )
-    load = env["load_average_at_start"]
-    if load and load[0] > 0.5:
-        print(
-            f"warning: load average {load[0]:.1f} on {os.cpu_count()} core(s): other processes are running, "
-            "so the timings of this run are not representative",
-            flush=True,
-        )
+    warn_if_busy(env)
     start = time.perf_counter()
     all_results: dict = {}
     with tempfile.TemporaryDirectory(prefix="sclatent_bench_impute_") as tmp:

@@ -726,6 +726,17 @@ def environment(args) -> dict:
     return env
 
 
+def warn_if_busy(env: dict) -> None:
+    """Say so when other processes were running at the start: the timings would not be representative."""
+    load = env["load_average_at_start"]
+    if load and load[0] > 0.5:
+        print(
+            f"warning: load average {load[0]:.1f} on {os.cpu_count()} core(s): other processes are running, "
+            "so the timings of this run are not representative",
+            flush=True,
+        )
+
+
 def default_out(args) -> Path:
     if args.accelerator_resolved == "cuda":
         import torch
@@ -791,13 +802,7 @@ def main(argv=None) -> int:
         f"{args.threads} thread(s) | {args.accelerator_resolved} | {args.n_mc_samples} importance samples",
         flush=True,
     )
-    load = env["load_average_at_start"]
-    if load and load[0] > 0.5:
-        print(
-            f"warning: load average {load[0]:.1f} on {os.cpu_count()} core(s): other processes are running, "
-            "so the timings of this run are not representative",
-            flush=True,
-        )
+    warn_if_busy(env)
     start = time.perf_counter()
     all_results: dict = {}
     with tempfile.TemporaryDirectory(prefix="sclatent_bench_") as tmp:
