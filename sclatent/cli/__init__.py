@@ -1,0 +1,41 @@
+"""Command line: ``sclatent fit-<family> [INPUT.h5ad] --out OUT.h5ad``.
+
+One module per command; each has ``add_command(commands)`` registering its subparser and a
+function that runs it and returns a summary dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import dae, vae
+
+# the order of ``sclatent --help``
+_COMMANDS = [vae, dae]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sclatent", description="Deep latent-variable models for single-cell counts.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in _COMMANDS:
+        command.add_command(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        from ..data import SetupError
+
+        if isinstance(err, SetupError | FileNotFoundError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""What the ``fit-*`` commands share: input loading, output paths, the clustering summary, arguments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def pca_embedding(adata, layer: str | None, n_comps: int = 50) -> np.ndarray:
+    """Scanpy's standard PCA (normalize_total, log1p, PCA) on a copy: the clustering baseline."""
+    import anndata as ad
+    import scanpy as sc
+
+    counts = adata.X if layer is None else adata.layers[layer]
+    scratch = ad.AnnData(counts.copy())
+    sc.pp.normalize_total(scratch, target_sum=1e4)
+    sc.pp.log1p(scratch)
+    n_comps = min(n_comps, min(scratch.shape) - 1)
+    sc.pp.pca(scratch, n_comps=n_comps, random_state=0)
+    return scratch.obsm["X_pca"]
+
+
+def load_input(args: argparse.Namespace, command: str):
+    """The input AnnData (or the embedded default), its labels key and a description."""
+    import scanpy as sc
+
+    from .. import datasets
+
+    if args.input is None:
+        adata = datasets.pbmc68k_counts()
+        labels_key = args.labels_key or "bulk_labels"
+        source = "embedded default: scanpy pbmc68k_reduced, counts recovered from .raw"
+    else:
+        path = Path(args.input)
+        if not path.exists():
+            raise SystemExit(f"error: input file {path} does not exist.")
+        adata = sc.read_h5ad(path)
+        labels_key = args.labels_key
+        source = str(path)
+    print(f"sclatent {command}: {adata.n_obs} cells x {adata.n_vars} genes ({source})")
+    return adata, labels_key
+
+
+def clustering_summary(adata, key: str, labels_key: str | None, args: argparse.Namespace) -> dict:
+    """ARI / NMI of the Leiden clusters of ``obs[key]`` vs the labels, beside scanpy PCA's."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from ..metrics import leiden_scores
+
+    if not labels_key:
+        return {}
+    labels = adata.obs[labels_key].astype(str).to_numpy()
+    clusters = adata.obs[key].to_numpy()
+    summary = {"ari": adjusted_rand_score(labels, clusters), "nmi": normalized_mutual_info_score(labels, clusters)}
+    if not args.no_baseline:
+        pca = leiden_scores(pca_embedding(adata, args.layer), labels, seed=args.seed)
+        summary["pca_ari"], summary["pca_nmi"] = pca["ari"], pca["nmi"]
+    return summary
+
+
+def print_clustering(summary: dict, labels_key: str | None) -> None:
+    if "ari" in summary:
+        line = f"  Leiden vs {labels_key!r}: ARI {summary['ari']:.3f}, NMI {summary['nmi']:.3f}"
+        if "pca_ari" in summary:
+            line += f" (scanpy PCA baseline: ARI {summary['pca_ari']:.3f}, NMI {summary['pca_nmi']:.3f})"
+        print(line)
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path, Path, Path]:
+    """OUT.h5ad, the model folder, the UMAP and training-curve PNG paths."""
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir) if args.model_dir else Path(f"{stem}_model")
+    return out, model_dir, Path(f"{stem}_umap.png"), Path(f"{stem}_training.png")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", nargs="?", help="h5ad with raw counts (default: embedded pbmc68k_reduced counts)")
+    parser.add_argument("--out", required=True, help="output h5ad path")
+    parser.add_argument("--layer", default=None, help="layer holding counts (default: X)")
+    parser.add_argument("--batch-key", default=None)
+    parser.add_argument(
+        "--allow-non-integer", action="store_true", help="accept fractional counts (e.g. ambient-RNA corrected)"
+    )
+    parser.add_argument("--labels-key", default=None, help="obs column with labels, for ARI/NMI")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-dir", default=None, help="model folder (default: OUT stem + '_model')")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the scanpy PCA clustering baseline")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

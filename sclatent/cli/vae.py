@@ -1,0 +1,93 @@
+"""``sclatent fit-vae``: the count VAE (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
+
+
+def fit_vae(args: argparse.Namespace) -> dict:
+    from ..metrics import nb_baseline_log_likelihood, neighbors_umap_leiden
+    from ..model import VAE
+    from ..plotting import plot_embedding, plot_training_history
+
+    start = time.perf_counter()
+    adata, labels_key = load_input(args, "fit-vae")
+    VAE.setup_anndata(
+        adata,
+        layer=args.layer,
+        batch_key=args.batch_key,
+        labels_key=labels_key,
+        allow_non_integer=args.allow_non_integer,
+    )
+    model = VAE(
+        adata,
+        n_latent=args.n_latent,
+        n_hidden=args.n_hidden,
+        n_layers=args.n_layers,
+        gene_likelihood=args.gene_likelihood,
+        seed=args.seed,
+    )
+    train_start = time.perf_counter()
+    model.train(
+        max_epochs=args.max_epochs,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        early_stopping=args.early_stopping,
+        progress_bar=not args.no_progress,
+    )
+    train_seconds = time.perf_counter() - train_start
+    key = "X_sclatent_vae"
+    adata.obsm[key] = model.get_latent_representation()
+    neighbors_umap_leiden(adata, key, key_added="leiden_sclatent_vae", seed=args.seed)
+
+    out, model_dir, umap_png, curves_png = output_paths(args)
+    model.save(model_dir, overwrite=True)
+    colors = ["leiden_sclatent_vae"] + ([labels_key] if labels_key else [])
+    plot_embedding(adata, colors, umap_png)
+    plot_training_history(model.history, curves_png)
+    adata.write_h5ad(out)
+
+    summary = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": len(model.history["epoch"])}
+    summary["train_seconds"] = train_seconds
+    held_out = model.validation_indices
+    if len(held_out):
+        summary["heldout_marginal_ll"] = model.get_marginal_ll(indices=held_out, n_mc_samples=args.n_mc_samples)
+        counts = adata.X if args.layer is None else adata.layers[args.layer]
+        summary["baseline_nb_ll"] = nb_baseline_log_likelihood(counts, model.train_indices, held_out)
+    summary.update(clustering_summary(adata, "leiden_sclatent_vae", labels_key, args))
+    summary["total_seconds"] = time.perf_counter() - start
+
+    print("\nSummary")
+    print(f"  data            {summary['cells']} cells x {summary['genes']} genes")
+    per_epoch = train_seconds / summary["epochs"]
+    print(f"  training        {summary['epochs']} epochs in {train_seconds:.1f} s ({per_epoch:.3f} s/epoch)")
+    if "heldout_marginal_ll" in summary:
+        print(
+            f"  held-out LL     {summary['heldout_marginal_ll']:.2f} nats/cell ({len(held_out)} cells, "
+            f"{args.n_mc_samples} importance samples); NB library x gene-mean baseline {summary['baseline_nb_ll']:.2f}"
+        )
+    print_clustering(summary, labels_key)
+    print(f"  wrote           {out} (obsm['{key}'], obsm['X_umap'], obs['leiden_sclatent_vae'])")
+    print(f"                  {model_dir}/ (model), {umap_png}, {curves_png}")
+    print(f"  total time      {summary['total_seconds']:.1f} s")
+    return summary
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "fit-vae",
+        help="train the count VAE, write its latent, UMAP, Leiden clusters, model and figures",
+        description="Train sclatent's VAE on INPUT (default: the embedded PBMC counts) and cluster its latent.",
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--max-epochs", type=int, default=None, help="default: scales with the number of cells")
+    parser.add_argument("--n-latent", type=int, default=10)
+    parser.add_argument("--n-hidden", type=int, default=128)
+    parser.add_argument("--n-layers", type=int, default=1)
+    parser.add_argument("--gene-likelihood", choices=["zinb", "nb", "poisson"], default="zinb")
+    parser.add_argument("--early-stopping", action="store_true")
+    parser.add_argument("--n-mc-samples", type=int, default=200, help="importance samples for the held-out LL")
+    parser.set_defaults(func=fit_vae)
