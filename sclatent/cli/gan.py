@@ -1,0 +1,129 @@
+"""``sclatent fit-gan``: the cell-type-conditioned GAN; writes synthetic cells and a realism summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
+
+
+def plot_adversarial_history(history: dict[str, list[float]], path: str | os.PathLike | None = None):
+    """Training curves of an adversarially trained model: every ``train_<group>_loss`` in one panel,
+    the critic's Wasserstein estimate (train and held-out) and the gradient penalty in two more.
+
+    Returns the matplotlib Figure; saved as PNG when ``path`` is given.
+    """
+    import matplotlib.pyplot as plt
+
+    if not history.get("epoch"):
+        raise ValueError("The model has no training history yet; train it first.")
+    epochs = history["epoch"]
+    losses = [k for k in history if k.startswith("train_") and k.endswith("_loss") and k != "train_loss"]
+    panels = [
+        ("losses", losses),
+        ("Wasserstein estimate (critic)", ["train_wasserstein", "validation_wasserstein"]),
+        ("gradient penalty", ["train_gradient_penalty"]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.2), constrained_layout=True)
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            if history.get(key):
+                ax.plot(epochs, history[key], label=key.removeprefix("train_").removesuffix("_loss"), lw=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def fit_gan(args: argparse.Namespace) -> dict:
+    from ..metrics import neighbors_umap_leiden, realism_metrics, split_halves
+    from ..model import CellGAN
+    from ..plotting import plot_embedding
+
+    start = time.perf_counter()
+    adata, labels_key = load_input(args, "fit-gan")
+    CellGAN.setup_anndata(adata, layer=args.layer, labels_key=labels_key, allow_non_integer=args.allow_non_integer)
+    model = CellGAN(adata, n_noise=args.n_noise, n_critic=args.n_critic, seed=args.seed)
+    train_start = time.perf_counter()
+    model.train(
+        max_epochs=args.max_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        accelerator=args.accelerator,
+        progress_bar=not args.no_progress,
+    )
+    train_seconds = time.perf_counter() - train_start
+    key = "X_sclatent_gan"
+    adata.obsm[key] = model.get_latent_representation()
+    neighbors_umap_leiden(adata, key, key_added="leiden_sclatent_gan", seed=args.seed)
+    out, model_dir, umap_png, curves_png = output_paths(args)
+    model.save(model_dir, overwrite=True)
+    plot_embedding(adata, ["leiden_sclatent_gan"] + ([labels_key] if labels_key else []), umap_png)
+    plot_adversarial_history(model.history, curves_png)
+    adata.write_h5ad(out)
+    fake = model.sample(args.n_synthetic, seed=args.seed)
+    synthetic_path = out.with_name(f"{out.stem}_synthetic.h5ad")
+    fake.write_h5ad(synthetic_path)
+
+    summary = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": len(model.history["epoch"])}
+    summary["train_seconds"] = train_seconds
+    # realism: synthetic vs one half of the real cells, beside the other half vs that half
+    counts = adata.X if args.layer is None else adata.layers[args.layer]
+    labels = adata.obs[labels_key].astype(str).to_numpy() if labels_key else np.zeros(adata.n_obs, dtype=str)
+    first, second = split_halves(labels, seed=args.seed)
+    fake_labels = fake.obs[labels_key].astype(str).to_numpy() if labels_key else None
+    summary["realism_synthetic"] = realism_metrics(
+        counts[second], fake.X, labels[second] if labels_key else None, fake_labels, seed=args.seed
+    )
+    summary["realism_real_halves"] = realism_metrics(
+        counts[second],
+        counts[first],
+        labels[second] if labels_key else None,
+        labels[first] if labels_key else None,
+        seed=args.seed,
+    )
+    summary.update(clustering_summary(adata, "leiden_sclatent_gan", labels_key, args))
+    summary["total_seconds"] = time.perf_counter() - start
+    syn, ref = summary["realism_synthetic"], summary["realism_real_halves"]
+    print("\nSummary")
+    print(f"  data            {summary['cells']} cells x {summary['genes']} genes")
+    print(f"  training        {summary['epochs']} epochs in {train_seconds:.1f} s")
+    # the GAN saw every cell here: benchmarks/bench_gan.py makes the held-out comparison
+    print("  realism         synthetic vs real half | other real half vs the same half (GAN trained on all cells)")
+    print(f"    classifier AUROC     {syn['c2st_auroc']:.3f} | {ref['c2st_auroc']:.3f}   (0.5: indistinguishable)")
+    print(f"    MMD^2 (PCA, RBF)     {syn['mmd']:.4f} | {ref['mmd']:.4f}")
+    for stat in ("mean", "variance", "zero_fraction"):
+        print(f"    gene {stat:<15} r {syn[f'corr_{stat}']:.3f} | {ref[f'corr_{stat}']:.3f}")
+    if "marker_overlap" in syn:
+        print(f"    top-20 markers found {syn['marker_overlap']:.2f} | {ref['marker_overlap']:.2f}")
+    print_clustering(summary, labels_key)
+    print(f"  wrote           {out} (obsm['{key}']: critic features, obsm['X_umap'], obs['leiden_sclatent_gan'])")
+    print(f"                  {synthetic_path} ({fake.n_obs} synthetic cells, obs['synthetic'])")
+    print(f"                  {model_dir}/ (model), {umap_png}, {curves_png}")
+    print(f"  total time      {summary['total_seconds']:.1f} s")
+    return summary
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "fit-gan",
+        help="train the conditional GAN, write synthetic cells, critic features, UMAP, model, figures",
+        description="Train sclatent's CellGAN (conditional WGAN-GP on counts) on INPUT (default: embedded PBMCs).",
+    )
+    add_common_arguments(parser)
+    parser.add_argument("--n-noise", type=int, default=64)
+    parser.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-epochs", type=int, default=None, help="default: ~600 generator updates")
+    parser.add_argument("--n-synthetic", type=int, default=1000, help="synthetic cells to write")
+    parser.set_defaults(func=fit_gan)
