@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..data.registry import get_count_matrix
-from ..modules.vae import DISPERSIONS, VAEModule, gaussian_kl
+from ..modules.vae import DISPERSIONS, PRIORS, VAEModule
 from ._base import BaseModel
 
 
@@ -46,6 +46,14 @@ class VAE(BaseModel):
         Condition the encoder on batch and covariates (the decoder always is).
     inject_covariates
         Feed covariates into every hidden layer rather than only the first.
+    prior
+        Prior of z: ``"normal"`` (``N(0, I)``, scVI's; default), or a learned normalizing flow
+        ``"planar"`` (planar layers) or ``"realnvp"`` (affine couplings), trained with the rest by
+        a Monte Carlo KL term. See :mod:`sclatent.nn.flows`.
+    n_flows
+        Number of flow layers of a flow prior.
+    flow_hidden
+        Hidden width of each RealNVP coupling's conditioner network.
     seed
         Seed of the weight initialisation (and the default seed of ``train``).
 
@@ -74,10 +82,17 @@ class VAE(BaseModel):
         use_observed_library: bool = True,
         encode_covariates: bool = True,
         inject_covariates: bool = True,
+        prior: Literal["normal", "planar", "realnvp"] = "normal",
+        n_flows: int = 8,
+        flow_hidden: int = 64,
         seed: int = 0,
     ) -> None:
         if dispersion not in DISPERSIONS:
             raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
+        if prior != "normal" and int(n_flows) < 1:
+            raise ValueError(f"n_flows must be >= 1 for a flow prior, got {n_flows}.")
         super().__init__(
             adata,
             seed=seed,
@@ -90,6 +105,9 @@ class VAE(BaseModel):
             use_observed_library=use_observed_library,
             encode_covariates=encode_covariates,
             inject_covariates=inject_covariates,
+            prior=prior,
+            n_flows=int(n_flows),
+            flow_hidden=int(flow_hidden),
         )
         if dispersion == "gene-label" and not self.registry.labels_key:
             raise ValueError("dispersion='gene-label' needs labels: call setup_anndata(adata, labels_key=...).")
@@ -190,7 +208,8 @@ class VAE(BaseModel):
     ) -> float | np.ndarray:
         """Importance-sampled marginal log-likelihood log p(x) (nats per cell; higher is better).
 
-        Use ``indices=model.validation_indices`` for the held-out likelihood.
+        Use ``indices=model.validation_indices`` for the held-out likelihood. With a flow prior
+        the importance weights use the flow's log-density ``log p(z)``.
         """
         out = []
         with seeded(seed):
@@ -222,14 +241,28 @@ class VAE(BaseModel):
         """Mean negative log-likelihood -log p(x | z) per cell (nats; z sampled from q)."""
         return self._mean_per_cell(lambda b: self.module.loss(b).reconstruction, adata, indices, batch_size, seed)
 
-    def get_kl_divergence(self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024) -> float:
-        """Mean KL(q(z|x) || p(z)) per cell (nats)."""
+    def get_kl_divergence(
+        self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0
+    ) -> float:
+        """Mean KL(q(z|x) || p(z)) per cell (nats): analytic for the normal prior, a one-sample
+        Monte Carlo estimate per cell for a flow prior (``seed`` fixes its draws)."""
 
         def kl(batch):
-            inf = self.module.inference(batch)
-            return gaussian_kl(inf["qz_mean"], inf["qz_var"])
+            return self.module.kl_z(self.module.inference(batch))
 
-        return self._mean_per_cell(kl, adata, indices, batch_size, None)
+        return self._mean_per_cell(kl, adata, indices, batch_size, seed)
+
+    @torch.no_grad()
+    def get_prior_log_prob(self, z: np.ndarray) -> np.ndarray:
+        """log p(z) of the model's prior (nats) at latent points ``z``, ``(n, n_latent) -> (n,)``.
+
+        For a flow prior this is the learned density; e.g. evaluate it on a grid to plot it.
+        """
+        z = torch.as_tensor(np.asarray(z), dtype=torch.float32, device=self.device)
+        if z.dim() != 2 or z.shape[1] != self.module.n_latent:
+            raise ValueError(f"z must be (n, {self.module.n_latent}), got {tuple(z.shape)}.")
+        self.module.eval()
+        return self.module.prior_log_prob(z).cpu().numpy().astype(np.float64)
 
     @torch.no_grad()
     def posterior_predictive_sample(

@@ -9,6 +9,10 @@ Generative model, for a cell with batch ``s``::
 
 Inference: ``q(z | x, s) = N(m(log1p x, s), v(log1p x, s))`` and, for a latent library,
 ``q(log l | x, s)`` Gaussian.
+
+With ``prior="planar"`` or ``"realnvp"`` the prior of ``z`` is a learned normalizing flow
+(:class:`sclatent.nn.flows.FlowPrior`) instead of ``N(0, I)``; its KL term is then estimated by
+Monte Carlo and the importance weights of the marginal likelihood use the flow's log-density.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..nn import CountDecoder, GaussianEncoder, SparseRows
 from ._base import LossOutput
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
+PRIORS = ("normal", "planar", "realnvp")
 
 
 def gaussian_kl(mean: torch.Tensor, var: torch.Tensor, prior_mean=0.0, prior_var=1.0) -> torch.Tensor:
@@ -66,6 +71,11 @@ class VAEModule(nn.Module):
         Feed batch and covariates to the encoder (they always go to the decoder).
     inject_covariates
         Feed covariates into every hidden layer, not only the first.
+    prior
+        ``"normal"`` (``N(0, I)``, analytic KL), ``"planar"`` or ``"realnvp"`` (a learned flow
+        prior, Monte Carlo KL).
+    n_flows, flow_hidden
+        Flow layers and the hidden width of each RealNVP conditioner (ignored for ``"normal"``).
     """
 
     def __init__(
@@ -86,8 +96,13 @@ class VAEModule(nn.Module):
         library_log_vars: np.ndarray | None = None,
         encode_covariates: bool = True,
         inject_covariates: bool = True,
+        prior: str = "normal",
+        n_flows: int = 8,
+        flow_hidden: int = 64,
     ) -> None:
         super().__init__()
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
         if dispersion not in DISPERSIONS:
             raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
         if gene_likelihood not in GENE_LIKELIHOODS:
@@ -121,6 +136,14 @@ class VAEModule(nn.Module):
         )
         rows = {"gene": 1, "gene-batch": n_batch, "gene-label": n_labels, "gene-cell": 0}[dispersion]
         self.log_theta = nn.Parameter(torch.randn(rows, n_genes)) if rows else None
+        # built last so that a normal-prior module draws exactly the same initial weights as before
+        self.prior = prior
+        self.prior_flow = None
+        if prior != "normal":
+            # imported here: pyro (the flows' layers) costs import time the normal prior does not need
+            from ..nn.flows import FlowPrior
+
+            self.prior_flow = FlowPrior(n_latent, prior, n_flows, flow_hidden)
 
     # -------------------------------------------------------------------- pieces
 
@@ -218,6 +241,30 @@ class VAEModule(nn.Module):
         )
         return flat.reshape(n_samples, n_cells)
 
+    # -------------------------------------------------------------------- prior of z
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) (nats) summed over the latent axis: ``(..., n_latent) -> (...)``."""
+        if self.prior_flow is None:
+            return gaussian_log_prob(z, 0.0, 1.0)
+        return self.prior_flow.log_prob(z)
+
+    def kl_z(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KL(q(z | x) || p(z)) per cell, ``(B,)``: analytic for the normal prior; for a flow prior
+        the one-sample estimate ``-H[q] - log p(z)`` at ``z = inf["z"]`` (the Gaussian entropy is
+        exact, so only ``log p(z)`` is noisy; it is unbiased and reparameterised)."""
+        if self.prior_flow is None:
+            return gaussian_kl(inf["qz_mean"], inf["qz_var"])
+        entropy = 0.5 * (torch.log(2 * math.pi * inf["qz_var"]) + 1.0).sum(-1)
+        return -entropy - self.prior_flow.log_prob(inf["z"])
+
+    @torch.no_grad()
+    def sample_prior(self, n: int) -> torch.Tensor:
+        """``(n, n_latent)`` draws of z from the prior (torch's global generator)."""
+        if self.prior_flow is None:
+            return torch.randn((n, self.n_latent), device=next(self.parameters()).device)
+        return self.prior_flow.sample(n)
+
     # -------------------------------------------------------------------- objectives
 
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
@@ -236,7 +283,10 @@ class VAEModule(nn.Module):
             batch.nz_log_factorial,
             batch.nz_row_ptr,
         )
-        kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
+        if self.prior_flow is None:
+            kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
+        else:
+            kl_z = self.kl_z(inf)
         kl_l = torch.zeros_like(kl_z)
         if not self.use_observed_library:
             index = batch.batch_index
@@ -252,7 +302,8 @@ class VAEModule(nn.Module):
     ) -> torch.Tensor:
         """Importance-sampled log p(x) per cell (``(B,)``, nats) with q as the proposal.
 
-        ``log p(x) ~= logsumexp_k [log p(x | z_k, l_k) + log p(z_k) + log p(l_k) - log q(z_k, l_k | x)] - log K``.
+        ``log p(x) ~= logsumexp_k [log p(x | z_k, l_k) + log p(z_k) + log p(l_k) - log q(z_k, l_k | x)] - log K``,
+        with ``log p(z_k)`` the flow's log-density for a flow prior.
         Samples are drawn ``chunk`` at a time (default: about 4M likelihood entries per pass) and
         processed in one batched decoder pass.
         """
@@ -267,7 +318,8 @@ class VAEModule(nn.Module):
             z = inf["qz_mean"] + inf["qz_var"].sqrt() * torch.randn(
                 (k, *inf["qz_mean"].shape), device=batch.nz_val.device
             )
-            log_w = gaussian_log_prob(z, 0.0, 1.0) - gaussian_log_prob(z, inf["qz_mean"], inf["qz_var"])
+            log_pz = gaussian_log_prob(z, 0.0, 1.0) if self.prior_flow is None else self.prior_flow.log_prob(z)
+            log_w = log_pz - gaussian_log_prob(z, inf["qz_mean"], inf["qz_var"])
             if self.use_observed_library:
                 log_library = inf["log_library"].expand(k, -1, -1)
             else:
