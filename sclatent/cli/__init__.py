@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dae, vae
+from . import contrastive, dae, flow, gan, masked, vae
 
 # the order of ``sclatent --help``
-_COMMANDS = [vae, dae]
+_COMMANDS = [vae, flow, dae, contrastive, gan, masked]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,10 @@ class MiniBatch:
         ``(B, C)`` float32.
     cell_index
         ``(B,)`` int64 row of each cell in the source AnnData.
+    neighbour
+        Optional minibatch of one neighbour per cell (row ``b`` is cell ``b``'s), attached by a
+        wrapper such as :class:`sclatent.data.neighbours.NeighbourData` for models that mix a cell
+        with a neighbour; None otherwise (and after :meth:`select_rows`).
     """
 
     nz_row: torch.Tensor
@@ -75,6 +79,7 @@ class MiniBatch:
     categorical_covariates: torch.Tensor
     continuous_covariates: torch.Tensor
     cell_index: torch.Tensor
+    neighbour: MiniBatch | None = None
 
     @property
     def size(self) -> int:

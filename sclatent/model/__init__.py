@@ -2,6 +2,9 @@
 
 from ._base import BaseModel
 from .autoencoder import DenoisingAE
+from .contrastive import ContrastiveModel
+from .gan import CellGAN
+from .masked import MaskedGeneModel
 from .vae import VAE
 
-__all__ = ["VAE", "BaseModel", "DenoisingAE"]
+__all__ = ["VAE", "BaseModel", "CellGAN", "ContrastiveModel", "DenoisingAE", "MaskedGeneModel"]

@@ -125,6 +125,15 @@ class BaseModel:
             raise IndexError(f"indices must lie in [0, {data.n_cells}).")
         return indices.astype(np.int64)
 
+    def _training_data(self, data: CellData, seed: int) -> CellData:
+        """What the trainer iterates over: ``data`` itself unless a subclass wraps it.
+
+        Called by :meth:`train` after the split (``self.train_indices`` is set), e.g. to attach
+        per-minibatch inputs such as kNN neighbours (:class:`sclatent.data.neighbours.NeighbourData`).
+        The wrapper needs only ``CellData.iterate``.
+        """
+        return data
+
     def _batches(self, adata: ad.AnnData | None, indices, batch_size: int):
         """Eval-mode minibatches over ``indices`` of ``adata`` (all cells by default), in order."""
         data = self._data(adata)
@@ -194,6 +203,7 @@ class BaseModel:
                 "cells per minibatch."
             )
         self.train_indices, self.validation_indices = split_cells(cells, train_size, seed)
+        data = self._training_data(data, seed)
         max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else int(max_epochs)
         if max_epochs < 1:
             raise ValueError("max_epochs must be >= 1.")

@@ -2,6 +2,9 @@
 
 from ._base import LossOutput
 from .autoencoder import AutoencoderModule
+from .contrastive import ContrastiveModule
+from .gan import GANModule
+from .masked import MaskedGeneModule
 from .vae import VAEModule
 
-__all__ = ["AutoencoderModule", "LossOutput", "VAEModule"]
+__all__ = ["AutoencoderModule", "ContrastiveModule", "GANModule", "LossOutput", "MaskedGeneModule", "VAEModule"]
