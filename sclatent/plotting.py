@@ -12,36 +12,91 @@ matplotlib.use("Agg")  # files only: the CLI and tests run without a display
 import matplotlib.pyplot as plt
 import scanpy as sc
 
+_TITLES = {
+    "elbo": "ELBO (nats/cell, higher is better)",
+    "reconstruction": "reconstruction NLL (nats/cell)",
+    "kl": "KL (nats/cell)",
+    "nt_xent": "NT-Xent (nats/cell)",
+    "masked_nll": "NLL of hidden counts (nats/cell)",
+    "wasserstein": "Wasserstein estimate (critic)",
+    "gradient_penalty": "gradient penalty",
+}
 
-def plot_training_history(history: dict[str, list[float]], path: str | os.PathLike | None = None):
-    """Loss curves: ELBO (train and held-out), reconstruction and KL per epoch.
 
-    Returns the matplotlib Figure; saved as PNG when ``path`` is given.
+def training_panels(history: dict[str, list[float]]) -> list[str]:
+    """The per-epoch terms worth a panel, in order of first appearance.
+
+    Every ``train_<term>`` / ``validation_<term>`` pair is a term, except ``loss`` (the weighted
+    total the others explain), terms identical to an earlier one (e.g. a contrastive model's
+    ``reconstruction`` is its ``nt_xent``), and for non-variational models (KL zero throughout)
+    ``kl`` and ``elbo`` (which is then just minus the reconstruction).
+    """
+    terms: dict[str, list[float]] = {}
+    for key, values in history.items():
+        for split in ("train_", "validation_"):
+            if key.startswith(split):
+                term = key.removeprefix(split)
+                if term != "loss" and term not in terms:
+                    terms[term] = values if split == "train_" else history.get(f"train_{term}", values)
+    if all(v == 0 for v in terms.get("kl", [0.0])):
+        terms.pop("kl", None)
+        terms.pop("elbo", None)
+    panels: list[str] = []
+    for term, values in terms.items():
+        if not any(list(values) == list(terms[other]) for other in panels):
+            panels.append(term)
+    return panels
+
+
+def plot_training_history(
+    history: dict[str, list[float]], path: str | os.PathLike | None = None, panels: list[str] | None = None
+):
+    """Training curves: one panel per term, training (solid) and held-out (dashed) per epoch.
+
+    Parameters
+    ----------
+    history
+        ``model.history``: ``epoch`` and per-epoch ``train_<term>`` / ``validation_<term>`` lists.
+    path
+        Save the figure there as PNG.
+    panels
+        Terms to plot (default :func:`training_panels`: ELBO, reconstruction and KL for a VAE,
+        the reconstruction for an autoencoder, NT-Xent for a contrastive model, each player's
+        loss and the Wasserstein estimate for a GAN).
+
+    Returns
+    -------
+    The matplotlib Figure.
     """
     if not history.get("epoch"):
         raise ValueError("The model has no training history yet; train it first.")
     epochs = history["epoch"]
-    panels = [("elbo", "ELBO (nats/cell, higher is better)"), ("reconstruction", "reconstruction NLL"), ("kl", "KL")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), constrained_layout=True)
-    for ax, (key, title) in zip(axes, panels):
+    panels = training_panels(history) if panels is None else list(panels)
+    if not panels:
+        raise ValueError("The history holds no train_/validation_ terms to plot.")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), constrained_layout=True, squeeze=False)
+    axes = axes[0]
+    for ax, term in zip(axes, panels):
         for split, style in (("train", "-"), ("validation", "--")):
-            values = history.get(f"{split}_{key}")
+            values = history.get(f"{split}_{term}")
             if values:
                 ax.plot(epochs, values, style, label=split)
-        ax.set_title(title)
+        ax.set_title(_TITLES.get(term, term.replace("_", " ")))
         ax.set_xlabel("epoch")
-        if key == "elbo" and len(epochs) > 10:
+        if len(epochs) > 10:
             # the first epochs dwarf the rest; zoom on the converging part
-            tail = [v for s in ("train", "validation") for v in history.get(f"{s}_elbo", [])[len(epochs) // 10 :]]
-            if tail:
+            tail = [v for s in ("train", "validation") for v in history.get(f"{s}_{term}", [])[len(epochs) // 10 :]]
+            if tail and max(tail) > min(tail):
                 span = max(tail) - min(tail)
                 ax.set_ylim(min(tail) - 0.05 * span, max(tail) + 0.05 * span)
-        ax.legend()
-    if "kl_weight" in history:
-        twin = axes[-1].twinx()
-        twin.plot(epochs, history["kl_weight"], color="grey", alpha=0.5)
-        twin.set_ylabel("KL weight", color="grey")
+        if ax.lines:
+            ax.legend()
+        if term == "kl" and "kl_weight" in history:
+            twin = ax.twinx()
+            twin.plot(epochs, history["kl_weight"], color="grey", alpha=0.5)
+            twin.set_ylabel("KL weight", color="grey")
     if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig

@@ -21,7 +21,6 @@ import torch
 
 import sclatent
 from sclatent.cli._common import pca_embedding
-from sclatent.cli.contrastive import plot_nt_xent_history
 from sclatent.metrics import (
     batch_asw,
     batch_entropy,
@@ -31,7 +30,7 @@ from sclatent.metrics import (
     neighbors_umap_leiden,
 )
 from sclatent.nn.augment import binomial_thinning, log_normalise
-from sclatent.plotting import plot_embedding
+from sclatent.plotting import plot_embedding, plot_training_history
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
@@ -84,7 +83,7 @@ def main() -> None:
         f"(chance, a uniform guess among the other 2 x {len(model.validation_indices)} - 1 views: "
         f"{np.log(2 * len(model.validation_indices) - 1):.2f})."
     )
-    plot_nt_xent_history(history, FIGURES / "03_training.png")
+    plot_training_history(history, FIGURES / "03_training.png")
 
     # 4. The embedding beside scanpy's PCA, scored with the same metrics
     adata.obsm["X_sclatent_contrastive"] = model.get_latent_representation()

@@ -25,9 +25,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, recall_score
 
 import sclatent
-from sclatent.cli.gan import plot_adversarial_history
 from sclatent.metrics import knn_accuracy, realism_metrics, split_halves
 from sclatent.metrics.realism import log_normalise
+from sclatent.plotting import plot_training_history
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
@@ -79,7 +79,7 @@ def main() -> None:
         f"The critic's Wasserstein estimate went from {max(gan.history['train_wasserstein']):.1f} (its peak) to "
         f"{gan.history['train_wasserstein'][-1]:.1f}."
     )
-    plot_adversarial_history(gan.history, FIGURES / "05_training.png")
+    plot_training_history(gan.history, FIGURES / "05_training.png")
 
     # 3. Synthetic cells with the held-out half's type composition
     composition = held_out.obs["cell_type"].value_counts()

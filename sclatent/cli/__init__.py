@@ -12,7 +12,7 @@ import sys
 from . import contrastive, dae, flow, gan, masked, vae
 
 # the order of ``sclatent --help``
-_COMMANDS = [vae, flow, dae, contrastive, gan, masked]
+_COMMANDS = [vae, flow, dae, masked, contrastive, gan]
 
 
 def build_parser() -> argparse.ArgumentParser:

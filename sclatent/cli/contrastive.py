@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
 
 
-def plot_nt_xent_history(history: dict[str, list[float]], path: str | os.PathLike | None = None):
-    """NT-Xent per cell (train and held-out) by epoch; the matplotlib Figure, saved as PNG at ``path``.
-
-    (:func:`sclatent.plotting.plot_training_history` draws ELBO / reconstruction / KL panels,
-    which a contrastive model does not have.)
-    """
-    import matplotlib.pyplot as plt
-
-    if not history.get("epoch"):
-        raise ValueError("The model has no training history yet; train it first.")
-    fig, ax = plt.subplots(figsize=(5.0, 3.4), constrained_layout=True)
-    for split, style in (("train", "-"), ("validation", "--")):
-        values = history.get(f"{split}_nt_xent")
-        if values:
-            ax.plot(history["epoch"], values, style, label=split)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("NT-Xent (nats/cell, lower is better)")
-    ax.set_title("contrastive loss (held-out: fixed views, batches of up to 1,024 cells)", fontsize=9)
-    ax.legend()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
-
-
 def fit_contrastive(args: argparse.Namespace) -> dict:
     from ..metrics import neighbors_umap_leiden
     from ..model import ContrastiveModel
-    from ..plotting import plot_embedding
+    from ..plotting import plot_embedding, plot_training_history
 
     start = time.perf_counter()
     adata, labels_key = load_input(args, "fit-contrastive")
@@ -75,7 +49,7 @@ def fit_contrastive(args: argparse.Namespace) -> dict:
     out, model_dir, umap_png, curves_png = output_paths(args)
     model.save(model_dir, overwrite=True)
     plot_embedding(adata, ["leiden_sclatent_contrastive"] + ([labels_key] if labels_key else []), umap_png)
-    plot_nt_xent_history(model.history, curves_png)
+    plot_training_history(model.history, curves_png)
     adata.write_h5ad(out)
 
     summary = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": len(model.history["epoch"])}

@@ -3,52 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
 
 
-def plot_adversarial_history(history: dict[str, list[float]], path: str | os.PathLike | None = None):
-    """Training curves of an adversarially trained model: every ``train_<group>_loss`` in one panel,
-    the critic's Wasserstein estimate (train and held-out) and the gradient penalty in two more.
-
-    Returns the matplotlib Figure; saved as PNG when ``path`` is given.
-    """
-    import matplotlib.pyplot as plt
-
-    if not history.get("epoch"):
-        raise ValueError("The model has no training history yet; train it first.")
-    epochs = history["epoch"]
-    losses = [k for k in history if k.startswith("train_") and k.endswith("_loss") and k != "train_loss"]
-    panels = [
-        ("losses", losses),
-        ("Wasserstein estimate (critic)", ["train_wasserstein", "validation_wasserstein"]),
-        ("gradient penalty", ["train_gradient_penalty"]),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.2), constrained_layout=True)
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            if history.get(key):
-                ax.plot(epochs, history[key], label=key.removeprefix("train_").removesuffix("_loss"), lw=0.8)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
-
-
 def fit_gan(args: argparse.Namespace) -> dict:
     from ..metrics import neighbors_umap_leiden, realism_metrics, split_halves
     from ..model import CellGAN
-    from ..plotting import plot_embedding
+    from ..plotting import plot_embedding, plot_training_history
 
     start = time.perf_counter()
     adata, labels_key = load_input(args, "fit-gan")
@@ -69,7 +34,7 @@ def fit_gan(args: argparse.Namespace) -> dict:
     out, model_dir, umap_png, curves_png = output_paths(args)
     model.save(model_dir, overwrite=True)
     plot_embedding(adata, ["leiden_sclatent_gan"] + ([labels_key] if labels_key else []), umap_png)
-    plot_adversarial_history(model.history, curves_png)
+    plot_training_history(model.history, curves_png)
     adata.write_h5ad(out)
     fake = model.sample(args.n_synthetic, seed=args.seed)
     synthetic_path = out.with_name(f"{out.stem}_synthetic.h5ad")
