@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_vae import _peak_rss_mb  # VmHWM: ru_maxrss survives fork + exec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("pca", "vae", "dae", "masked", "contrastive", "flow", "gan")
@@ -191,8 +194,7 @@ def worker(spec_path: str) -> None:
     seconds = time.perf_counter() - start
     np.save(spec["embedding"], np.asarray(result.pop("embedding"), dtype=np.float32))
     result["seconds"] = seconds
-    # ru_maxrss is in kilobytes on Linux
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = _peak_rss_mb()
     result["rss_growth_mb"] = result["peak_rss_mb"] - baseline_mb
     Path(spec["result"]).write_text(json.dumps(result))
 

@@ -85,8 +85,19 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB); ru_maxrss is in KB on Linux."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process so far (MB): ``VmHWM`` of ``/proc/self/status``.
+
+    Not ``getrusage(...).ru_maxrss``: Linux keeps it across fork and exec, so a worker spawned by
+    a parent holding the datasets would report the parent's peak when that is larger. ``VmHWM``
+    belongs to the address space, which exec replaces.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # not Linux: best effort
 
 
 def _version(package: str) -> str | None:
