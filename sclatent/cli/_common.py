@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,52 @@ def print_clustering(summary: dict, labels_key: str | None) -> None:
         if "pca_ari" in summary:
             line += f" (scanpy PCA baseline: ARI {summary['pca_ari']:.3f}, NMI {summary['pca_nmi']:.3f})"
         print(line)
+
+
+def setup_from_arguments(model_class, adata, labels_key: str | None, args: argparse.Namespace) -> None:
+    """``model_class.setup_anndata`` with the command line's layer, batch and labels keys."""
+    model_class.setup_anndata(
+        adata,
+        layer=args.layer,
+        batch_key=args.batch_key,
+        labels_key=labels_key,
+        allow_non_integer=args.allow_non_integer,
+    )
+
+
+def timed_training(model, args: argparse.Namespace, **train_arguments) -> float:
+    """``model.train`` with the command line's epochs, batch size, device and progress bar; seconds."""
+    start = time.perf_counter()
+    model.train(
+        max_epochs=args.max_epochs,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        progress_bar=not args.no_progress,
+        **train_arguments,
+    )
+    return time.perf_counter() - start
+
+
+def cluster_and_write(adata, model, family: str, labels_key: str | None, args: argparse.Namespace):
+    """Neighbors, UMAP and Leiden on ``obsm["X_sclatent_<family>"]`` (set by the caller), then the
+    outputs: the model folder, the UMAP and training-curve PNGs and ``OUT.h5ad``.
+
+    Returns
+    -------
+    ``(out, model_dir, umap_png, curves_png)`` paths; the clusters are in
+    ``obs["leiden_sclatent_<family>"]``.
+    """
+    from ..metrics import neighbors_umap_leiden
+    from ..plotting import plot_embedding, plot_training_history
+
+    leiden_key = f"leiden_sclatent_{family}"
+    neighbors_umap_leiden(adata, f"X_sclatent_{family}", key_added=leiden_key, seed=args.seed)
+    out, model_dir, umap_png, curves_png = output_paths(args)
+    model.save(model_dir, overwrite=True)
+    plot_embedding(adata, [leiden_key] + ([labels_key] if labels_key else []), umap_png)
+    plot_training_history(model.history, curves_png)
+    adata.write_h5ad(out)
+    return out, model_dir, umap_png, curves_png
 
 
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path, Path, Path]:

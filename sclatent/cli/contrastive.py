@@ -5,23 +5,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
+from ._common import (
+    add_common_arguments,
+    cluster_and_write,
+    clustering_summary,
+    load_input,
+    print_clustering,
+    setup_from_arguments,
+    timed_training,
+)
 
 
 def fit_contrastive(args: argparse.Namespace) -> dict:
-    from ..metrics import neighbors_umap_leiden
     from ..model import ContrastiveModel
-    from ..plotting import plot_embedding, plot_training_history
 
     start = time.perf_counter()
     adata, labels_key = load_input(args, "fit-contrastive")
-    ContrastiveModel.setup_anndata(
-        adata,
-        layer=args.layer,
-        batch_key=args.batch_key,
-        labels_key=labels_key,
-        allow_non_integer=args.allow_non_integer,
-    )
+    setup_from_arguments(ContrastiveModel, adata, labels_key, args)
     model = ContrastiveModel(
         adata,
         n_latent=args.n_latent,
@@ -35,22 +35,10 @@ def fit_contrastive(args: argparse.Namespace) -> dict:
         n_neighbors=args.n_neighbors,
         seed=args.seed,
     )
-    train_start = time.perf_counter()
-    model.train(
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        accelerator=args.accelerator,
-        progress_bar=not args.no_progress,
-    )
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = timed_training(model, args)
     key = "X_sclatent_contrastive"
     adata.obsm[key] = model.get_latent_representation()
-    neighbors_umap_leiden(adata, key, key_added="leiden_sclatent_contrastive", seed=args.seed)
-    out, model_dir, umap_png, curves_png = output_paths(args)
-    model.save(model_dir, overwrite=True)
-    plot_embedding(adata, ["leiden_sclatent_contrastive"] + ([labels_key] if labels_key else []), umap_png)
-    plot_training_history(model.history, curves_png)
-    adata.write_h5ad(out)
+    out, model_dir, umap_png, curves_png = cluster_and_write(adata, model, "contrastive", labels_key, args)
 
     summary = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": len(model.history["epoch"])}
     summary["train_seconds"] = train_seconds

@@ -7,35 +7,29 @@ import time
 
 import numpy as np
 
-from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
+from ._common import (
+    add_common_arguments,
+    cluster_and_write,
+    clustering_summary,
+    load_input,
+    print_clustering,
+    setup_from_arguments,
+    timed_training,
+)
 
 
 def fit_gan(args: argparse.Namespace) -> dict:
-    from ..metrics import neighbors_umap_leiden, realism_metrics, split_halves
+    from ..metrics import realism_metrics, split_halves
     from ..model import CellGAN
-    from ..plotting import plot_embedding, plot_training_history
 
     start = time.perf_counter()
     adata, labels_key = load_input(args, "fit-gan")
-    CellGAN.setup_anndata(adata, layer=args.layer, labels_key=labels_key, allow_non_integer=args.allow_non_integer)
+    setup_from_arguments(CellGAN, adata, labels_key, args)  # a --batch-key is refused: not modelled
     model = CellGAN(adata, n_noise=args.n_noise, n_critic=args.n_critic, seed=args.seed)
-    train_start = time.perf_counter()
-    model.train(
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        accelerator=args.accelerator,
-        progress_bar=not args.no_progress,
-    )
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = timed_training(model, args, lr=args.lr)
     key = "X_sclatent_gan"
     adata.obsm[key] = model.get_latent_representation()
-    neighbors_umap_leiden(adata, key, key_added="leiden_sclatent_gan", seed=args.seed)
-    out, model_dir, umap_png, curves_png = output_paths(args)
-    model.save(model_dir, overwrite=True)
-    plot_embedding(adata, ["leiden_sclatent_gan"] + ([labels_key] if labels_key else []), umap_png)
-    plot_training_history(model.history, curves_png)
-    adata.write_h5ad(out)
+    out, model_dir, umap_png, curves_png = cluster_and_write(adata, model, "gan", labels_key, args)
     fake = model.sample(args.n_synthetic, seed=args.seed)
     synthetic_path = out.with_name(f"{out.stem}_synthetic.h5ad")
     fake.write_h5ad(synthetic_path)

@@ -5,23 +5,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
+from ._common import (
+    add_common_arguments,
+    cluster_and_write,
+    clustering_summary,
+    load_input,
+    print_clustering,
+    setup_from_arguments,
+    timed_training,
+)
 
 
 def fit_masked(args: argparse.Namespace) -> dict:
-    from ..metrics import neighbors_umap_leiden
     from ..model import MaskedGeneModel
-    from ..plotting import plot_embedding, plot_training_history
 
     start = time.perf_counter()
     adata, labels_key = load_input(args, "fit-masked")
-    MaskedGeneModel.setup_anndata(
-        adata,
-        layer=args.layer,
-        batch_key=args.batch_key,
-        labels_key=labels_key,
-        allow_non_integer=args.allow_non_integer,
-    )
+    setup_from_arguments(MaskedGeneModel, adata, labels_key, args)
     model = MaskedGeneModel(
         adata,
         encoder=args.encoder,
@@ -30,15 +30,7 @@ def fit_masked(args: argparse.Namespace) -> dict:
         mask_rate=args.mask_rate,
         seed=args.seed,
     )
-    train_start = time.perf_counter()
-    model.train(
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        accelerator=args.accelerator,
-        early_stopping=not args.no_early_stopping,
-        progress_bar=not args.no_progress,
-    )
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = timed_training(model, args, early_stopping=not args.no_early_stopping)
     key = "X_sclatent_masked"
     # the pretrained embedding (before any fine-tuning, which would fit it to the labels)
     adata.obsm[key] = model.get_latent_representation()
@@ -60,12 +52,7 @@ def fit_masked(args: argparse.Namespace) -> dict:
         )
         adata.obs["sclatent_masked_prediction"] = model.predict()
         summary["fine_tuned_on"] = len(model.labelled_indices)
-    neighbors_umap_leiden(adata, key, key_added="leiden_sclatent_masked", seed=args.seed)
-    out, model_dir, umap_png, curves_png = output_paths(args)
-    model.save(model_dir, overwrite=True)
-    plot_embedding(adata, ["leiden_sclatent_masked"] + ([labels_key] if labels_key else []), umap_png)
-    plot_training_history(model.history, curves_png)
-    adata.write_h5ad(out)
+    out, model_dir, umap_png, curves_png = cluster_and_write(adata, model, "masked", labels_key, args)
 
     summary.update(clustering_summary(adata, "leiden_sclatent_masked", labels_key, args))
     summary["total_seconds"] = time.perf_counter() - start

@@ -9,24 +9,25 @@ from __future__ import annotations
 import argparse
 import time
 
-from ._common import add_common_arguments, clustering_summary, load_input, output_paths, print_clustering
+from ._common import (
+    add_common_arguments,
+    cluster_and_write,
+    clustering_summary,
+    load_input,
+    print_clustering,
+    setup_from_arguments,
+    timed_training,
+)
 
 
 def fit_vae(args: argparse.Namespace) -> dict:
-    from ..metrics import nb_baseline_log_likelihood, neighbors_umap_leiden
+    from ..metrics import nb_baseline_log_likelihood
     from ..model import VAE
-    from ..plotting import plot_embedding, plot_training_history
 
     start = time.perf_counter()
     family = getattr(args, "family", "vae")
     adata, labels_key = load_input(args, f"fit-{family}")
-    VAE.setup_anndata(
-        adata,
-        layer=args.layer,
-        batch_key=args.batch_key,
-        labels_key=labels_key,
-        allow_non_integer=args.allow_non_integer,
-    )
+    setup_from_arguments(VAE, adata, labels_key, args)
     model = VAE(
         adata,
         n_latent=args.n_latent,
@@ -37,25 +38,10 @@ def fit_vae(args: argparse.Namespace) -> dict:
         n_flows=args.n_flows,
         seed=args.seed,
     )
-    train_start = time.perf_counter()
-    model.train(
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        accelerator=args.accelerator,
-        early_stopping=args.early_stopping,
-        progress_bar=not args.no_progress,
-    )
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = timed_training(model, args, early_stopping=args.early_stopping)
     key, leiden_key = f"X_sclatent_{family}", f"leiden_sclatent_{family}"
     adata.obsm[key] = model.get_latent_representation()
-    neighbors_umap_leiden(adata, key, key_added=leiden_key, seed=args.seed)
-
-    out, model_dir, umap_png, curves_png = output_paths(args)
-    model.save(model_dir, overwrite=True)
-    colors = [leiden_key] + ([labels_key] if labels_key else [])
-    plot_embedding(adata, colors, umap_png)
-    plot_training_history(model.history, curves_png)
-    adata.write_h5ad(out)
+    out, model_dir, umap_png, curves_png = cluster_and_write(adata, model, family, labels_key, args)
 
     summary = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": len(model.history["epoch"])}
     summary["prior"] = args.prior
