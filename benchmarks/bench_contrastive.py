@@ -66,7 +66,7 @@ def load(name: str):
 def embed(method: str, adata, batch_key: str | None, seed: int, quick: bool) -> tuple[np.ndarray, dict]:
     """The method's ``(n_cells, d)`` embedding and facts about its training."""
     import sclatent
-    from sclatent.cli._common import pca_embedding
+    from sclatent.metrics import pca_embedding
 
     if method == "pca":
         return pca_embedding(adata, None), {"epochs": 0}

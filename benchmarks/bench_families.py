@@ -99,7 +99,7 @@ def _epochs(n_cells: int, quick: bool, full: int) -> int:
 def run_family(family: str, adata, labels_key: str, batch_key: str | None, seed: int, quick: bool) -> dict:
     """Train ``family`` on ``adata``; return its embedding, own metric and epochs."""
     import sclatent
-    from sclatent.cli._common import pca_embedding
+    from sclatent.metrics import pca_embedding
 
     model_cls = {
         "vae": lambda: sclatent.model.VAE,

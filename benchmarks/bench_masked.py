@@ -115,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import sclatent
-    from sclatent.cli._common import pca_embedding
+    from sclatent.metrics import pca_embedding
     from sclatent.model import VAE, MaskedGeneModel
     from sclatent.model.masked import labelled_subset
 

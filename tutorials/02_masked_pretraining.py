@@ -25,8 +25,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import sclatent
-from sclatent.cli._common import pca_embedding
-from sclatent.metrics import leiden_scores, neighbors_umap_leiden
+from sclatent.metrics import leiden_scores, neighbors_umap_leiden, pca_embedding
 from sclatent.model import MaskedGeneModel
 from sclatent.model.masked import labelled_subset
 from sclatent.plotting import plot_embedding, plot_training_history

@@ -20,7 +20,6 @@ import scanpy as sc
 import torch
 
 import sclatent
-from sclatent.cli._common import pca_embedding
 from sclatent.metrics import (
     batch_asw,
     batch_entropy,
@@ -28,6 +27,7 @@ from sclatent.metrics import (
     leiden_scores,
     linear_probe_scores,
     neighbors_umap_leiden,
+    pca_embedding,
 )
 from sclatent.nn.augment import binomial_thinning, log_normalise
 from sclatent.plotting import plot_embedding, plot_training_history

@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, recall_score
 
 import sclatent
-from sclatent.metrics import knn_accuracy, realism_metrics, split_halves
+from sclatent.metrics import knn_accuracy, pca_embedding, realism_metrics, split_halves
 from sclatent.metrics.realism import log_normalise
 from sclatent.plotting import plot_training_history
 
@@ -199,7 +199,7 @@ def main() -> None:
 
     # 8. What get_latent_representation returns: the critic's features, measured, not promised
     features = gan.get_latent_representation(held_out)
-    pca = sclatent.cli._common.pca_embedding(held_out, None)
+    pca = pca_embedding(held_out, None)
     text.append(
         "`get_latent_representation` returns the critic's last hidden layer (128 features). It is not an "
         "inferred latent; as an embedding of the held-out cells its 15-NN cell-type accuracy is "

@@ -6,21 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-
-
-def pca_embedding(adata, layer: str | None, n_comps: int = 50) -> np.ndarray:
-    """Scanpy's standard PCA (normalize_total, log1p, PCA) on a copy: the clustering baseline."""
-    import anndata as ad
-    import scanpy as sc
-
-    counts = adata.X if layer is None else adata.layers[layer]
-    scratch = ad.AnnData(counts.copy())
-    sc.pp.normalize_total(scratch, target_sum=1e4)
-    sc.pp.log1p(scratch)
-    n_comps = min(n_comps, min(scratch.shape) - 1)
-    sc.pp.pca(scratch, n_comps=n_comps, random_state=0)
-    return scratch.obsm["X_pca"]
+from ..metrics.baselines import pca_embedding
 
 
 def load_input(args: argparse.Namespace, command: str):

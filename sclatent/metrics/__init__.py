@@ -7,6 +7,7 @@ from .baselines import (
     knn_smoothing_predictor,
     library_gene_mean_predictor,
     nb_baseline_log_likelihood,
+    pca_embedding,
 )
 from .clustering import leiden_scores, neighbors_umap_leiden
 from .embedding import batch_asw, batch_entropy, knn_accuracy, label_asw, linear_probe_scores
@@ -41,6 +42,7 @@ __all__ = [
     "mmd_rbf",
     "nb_baseline_log_likelihood",
     "neighbors_umap_leiden",
+    "pca_embedding",
     "realism_metrics",
     "split_halves",
 ]
