@@ -16,6 +16,13 @@ dropped), and mouse_brain_10k_chr1 (10,000 x 1,000). Run (one thread; ~35 min on
     OMP_NUM_THREADS=1 PYTHONPATH=. SCLATENT_DATA_DIR=/work/shared/data \
         python benchmarks/bench_flow_prior.py
 
+``--iaf`` instead compares (prior, posterior) pairs on pbmc68k: normal/normal, realnvp/normal,
+normal/iaf and realnvp/iaf (``posterior="iaf"``: the Gaussian sample pushed through 4 IAF layers),
+paired by seed and cell against normal/normal, and writes ``results_flow_posterior.json``::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. SCLATENT_DATA_DIR=/work/shared/data \
+        python benchmarks/bench_flow_prior.py --iaf --seeds 0 1 2
+
 Writes ``benchmarks/results_flow_prior.json`` (after every dataset, so a partial run keeps what
 it finished) and prints a table.
 """
@@ -62,10 +69,11 @@ def load(name: str):
     raise ValueError(name)
 
 
-def run_one(adata, prior: str, seed: int, epochs: int, n_is: int) -> dict:
+def run_one(adata, prior: str, seed: int, epochs: int, n_is: int, posterior: str = "normal") -> dict:
     from sclatent.model import VAE
 
-    model = VAE(adata, prior=prior, seed=seed, **MODEL)
+    extra = {} if posterior == "normal" else dict(posterior=posterior, n_posterior_flows=4, posterior_flow_hidden=64)
+    model = VAE(adata, prior=prior, seed=seed, **MODEL, **extra)
     start = time.perf_counter()
     model.train(max_epochs=epochs, accelerator="cpu", progress_bar=False)
     train_s = time.perf_counter() - start
@@ -75,6 +83,7 @@ def run_one(adata, prior: str, seed: int, epochs: int, n_is: int) -> dict:
     is_s = time.perf_counter() - start
     return {
         "prior": prior,
+        "posterior": posterior,
         "seed": seed,
         "epochs": epochs,
         "train_seconds": train_s,
@@ -111,6 +120,48 @@ def paired(runs: list[dict], prior: str) -> dict:
     return out
 
 
+IAF_CONFIGS = (("normal", "normal"), ("realnvp", "normal"), ("normal", "iaf"), ("realnvp", "iaf"))
+
+
+def main_iaf(args) -> None:
+    """Flow posterior (IAF) vs flow prior on pbmc68k, paired against normal/normal."""
+    from sclatent.model import VAE
+
+    adata = load("pbmc68k")
+    VAE.setup_anndata(adata)
+    epochs = int(dict(item.split("=") for item in args.epochs).get("pbmc68k", DATASETS["pbmc68k"]["epochs"]))
+    runs = []
+    for seed in args.seeds:
+        for prior, posterior in IAF_CONFIGS:
+            run = run_one(adata, prior, seed, epochs, args.n_is, posterior)
+            run.pop("_model")
+            run["config"] = f"{prior}/{posterior}"
+            runs.append(run)
+            print(
+                f"seed {seed} {run['config']:16s} LL {run['heldout_marginal_ll']:9.3f} ELBO {run['heldout_elbo']:9.3f} "
+                f"train {run['train_seconds']:6.1f} s IS {run['is_seconds']:6.1f} s",
+                flush=True,
+            )
+            out = {"epochs": epochs, "n_is": args.n_is, "seeds": args.seeds, "runs": runs}
+            Path(args.out_iaf).write_text(json.dumps(out, indent=1))
+    print(f"\npbmc68k, {epochs} epochs, seeds {args.seeds}: held-out LL; diff vs normal/normal paired by seed and cell")
+    base = [r for r in runs if r["config"] == "normal/normal"]
+    for prior, posterior in IAF_CONFIGS:
+        config = f"{prior}/{posterior}"
+        rs = [r for r in runs if r["config"] == config]
+        diffs, ses = [], []
+        for r, b in zip(rs, base):
+            d = np.asarray(r["heldout_marginal_ll_per_cell"]) - np.asarray(b["heldout_marginal_ll_per_cell"])
+            diffs.append(d.mean())
+            ses.append(d.std(ddof=1) / np.sqrt(d.size) if d.any() else 0.0)
+        print(
+            f"| {config} | {np.mean([r['heldout_marginal_ll'] for r in rs]):.2f} | "
+            + ", ".join(f"{d:+.2f} ± {s:.2f}" for d, s in zip(diffs, ses))
+            + f" | {np.mean([r['heldout_elbo'] for r in rs]):.2f} | "
+            f"{np.mean([r['train_seconds'] for r in rs]) / epochs:.3f} | {rs[0]['n_parameters']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
@@ -118,8 +169,14 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add to the datasets already in --out")
     parser.add_argument("--n-is", type=int, default=1000, help="importance samples per held-out cell")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results_flow_prior.json")))
+    parser.add_argument("--iaf", action="store_true", help="compare IAF posteriors on pbmc68k (see the docstring)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of --iaf")
+    parser.add_argument("--out-iaf", default=str(Path(__file__).with_name("results_flow_posterior.json")))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.iaf:
+        main_iaf(args)
+        return
 
     from sclatent.metrics import nb_baseline_log_likelihood
     from sclatent.model import VAE

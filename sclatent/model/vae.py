@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..data.registry import get_count_matrix
-from ..modules.vae import DISPERSIONS, PRIORS, VAEModule
+from ..modules.vae import DISPERSIONS, POSTERIORS, PRIORS, VAEModule
 from ._base import BaseModel
 
 
@@ -54,6 +54,14 @@ class VAE(BaseModel):
         Number of flow layers of a flow prior.
     flow_hidden
         Hidden width of each RealNVP coupling's conditioner network.
+    posterior
+        Variational posterior of z: ``"normal"`` (the Gaussian encoder, scVI's; default) or ``"iaf"``
+        (the Gaussian sample pushed through an inverse autoregressive flow conditioned on the cell's
+        Gaussian parameters ``[m(x), log v(x)]``; Monte Carlo KL). Works with any ``prior``.
+    n_posterior_flows
+        Number of IAF layers of an IAF posterior.
+    posterior_flow_hidden
+        Hidden width of each IAF layer's autoregressive network.
     seed
         Seed of the weight initialisation (and the default seed of ``train``).
 
@@ -85,6 +93,9 @@ class VAE(BaseModel):
         prior: Literal["normal", "planar", "realnvp"] = "normal",
         n_flows: int = 8,
         flow_hidden: int = 64,
+        posterior: Literal["normal", "iaf"] = "normal",
+        n_posterior_flows: int = 4,
+        posterior_flow_hidden: int = 64,
         seed: int = 0,
     ) -> None:
         if dispersion not in DISPERSIONS:
@@ -93,6 +104,17 @@ class VAE(BaseModel):
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
         if prior != "normal" and int(n_flows) < 1:
             raise ValueError(f"n_flows must be >= 1 for a flow prior, got {n_flows}.")
+        if posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}.")
+        extra = {}
+        if posterior != "normal":  # stored only when used: a normal-posterior model's metadata is unchanged
+            if int(n_posterior_flows) < 1:
+                raise ValueError(f"n_posterior_flows must be >= 1 for an IAF posterior, got {n_posterior_flows}.")
+            extra = dict(
+                posterior=posterior,
+                n_posterior_flows=int(n_posterior_flows),
+                posterior_flow_hidden=int(posterior_flow_hidden),
+            )
         super().__init__(
             adata,
             seed=seed,
@@ -108,6 +130,7 @@ class VAE(BaseModel):
             prior=prior,
             n_flows=int(n_flows),
             flow_hidden=int(flow_hidden),
+            **extra,
         )
         if dispersion == "gene-label" and not self.registry.labels_key:
             raise ValueError("dispersion='gene-label' needs labels: call setup_anndata(adata, labels_key=...).")
@@ -139,6 +162,10 @@ class VAE(BaseModel):
     ) -> np.ndarray:
         """Posterior mean (or a sample) of z for each cell.
 
+        With ``posterior="iaf"``, ``give_mean=True`` returns the flow applied to the Gaussian mean
+        (the image of the base distribution's mode: deterministic and one pass; not the exact mean of
+        q, which has no closed form); ``give_mean=False`` a draw from q.
+
         Returns
         -------
         ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_vae"]`` for
@@ -148,7 +175,7 @@ class VAE(BaseModel):
         with seeded(seed):
             for batch in self._batches(adata, indices, batch_size):
                 inf = self.module.inference(batch)
-                out.append((inf["qz_mean"] if give_mean else inf["z"]).cpu())
+                out.append((self.module.latent_mean(inf) if give_mean else inf["z"]).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.module.n_latent), np.float32)
 
     @torch.no_grad()
@@ -180,7 +207,7 @@ class VAE(BaseModel):
         with seeded(seed):
             for batch in self._batches(adata, indices, batch_size):
                 inf = self.module.inference(batch, n_samples=n_samples)
-                z = inf["qz_mean"] if n_samples == 1 else inf["z"]
+                z = self.module.latent_mean(inf) if n_samples == 1 else inf["z"]
                 log_library = inf["ql_mean"] if "ql_mean" in inf and n_samples == 1 else inf["log_library"]
                 gen = self.module.generative(z, log_library, batch)
                 values = torch.exp(gen["log_mu"] if library_size == "latent" else gen["log_scale"])

@@ -13,6 +13,11 @@ Inference: ``q(z | x, s) = N(m(log1p x, s), v(log1p x, s))`` and, for a latent l
 With ``prior="planar"`` or ``"realnvp"`` the prior of ``z`` is a learned normalizing flow
 (:class:`sclatent.nn.flows.FlowPrior`) instead of ``N(0, I)``; its KL term is then estimated by
 Monte Carlo and the importance weights of the marginal likelihood use the flow's log-density.
+
+With ``posterior="iaf"`` the encoder's Gaussian sample ``z0`` is pushed through an inverse
+autoregressive flow conditioned on the cell (:class:`sclatent.nn.flows.IAFPosterior`):
+``log q(z | x) = log N(z0; m, v) - log |det dz/dz0|`` and the KL is the one-sample estimate
+``log q(z | x) - log p(z)`` (with either prior).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ._base import LossOutput
 
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 PRIORS = ("normal", "planar", "realnvp")
+POSTERIORS = ("normal", "iaf")
 
 
 def gaussian_kl(mean: torch.Tensor, var: torch.Tensor, prior_mean=0.0, prior_var=1.0) -> torch.Tensor:
@@ -76,6 +82,11 @@ class VAEModule(nn.Module):
         prior, Monte Carlo KL).
     n_flows, flow_hidden
         Flow layers and the hidden width of each RealNVP conditioner (ignored for ``"normal"``).
+    posterior
+        ``"normal"`` (the Gaussian encoder) or ``"iaf"`` (its sample pushed through an IAF
+        conditioned on ``[m(x), log v(x)]``; Monte Carlo KL).
+    n_posterior_flows, posterior_flow_hidden
+        IAF layers and the hidden width of each layer's MADE (ignored for ``"normal"``).
     """
 
     def __init__(
@@ -99,10 +110,15 @@ class VAEModule(nn.Module):
         prior: str = "normal",
         n_flows: int = 8,
         flow_hidden: int = 64,
+        posterior: str = "normal",
+        n_posterior_flows: int = 4,
+        posterior_flow_hidden: int = 64,
     ) -> None:
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
+        if posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}.")
         if dispersion not in DISPERSIONS:
             raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
         if gene_likelihood not in GENE_LIKELIHOODS:
@@ -144,6 +160,13 @@ class VAEModule(nn.Module):
             from ..nn.flows import FlowPrior
 
             self.prior_flow = FlowPrior(n_latent, prior, n_flows, flow_hidden)
+        # after everything else, for the same reason
+        self.posterior = posterior
+        self.posterior_flow = None
+        if posterior != "normal":
+            from ..nn.flows import IAFPosterior
+
+            self.posterior_flow = IAFPosterior(n_latent, 2 * n_latent, n_posterior_flows, posterior_flow_hidden)
 
     # -------------------------------------------------------------------- pieces
 
@@ -162,6 +185,9 @@ class VAEModule(nn.Module):
         out = {"qz_mean": qz_mean, "qz_var": qz_var}
         if n_samples > 1:
             z = qz_mean + qz_var.sqrt() * torch.randn((n_samples, *qz_mean.shape), device=z.device, dtype=z.dtype)
+        if self.posterior_flow is not None:
+            out["z0"] = z
+            z, out["log_det_q"] = self.posterior_flow(z, self._posterior_context(qz_mean, qz_var))
         out["z"] = z
         if self.use_observed_library:
             log_library = torch.log(batch.library.clamp(min=1.0)).unsqueeze(-1)
@@ -174,6 +200,25 @@ class VAEModule(nn.Module):
                 )
             out.update(ql_mean=ql_mean, ql_var=ql_var, log_library=log_library)
         return out
+
+    @staticmethod
+    def _posterior_context(qz_mean: torch.Tensor, qz_var: torch.Tensor) -> torch.Tensor:
+        """What the IAF posterior is conditioned on: the Gaussian's parameters ``[m, log v]``."""
+        return torch.cat([qz_mean, torch.log(qz_var)], dim=-1)
+
+    def latent_mean(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A point estimate of z per cell: ``qz_mean``, or for an IAF posterior the flow applied to it
+        (the image of the Gaussian's mode; cheap and deterministic, not the mean of q)."""
+        if self.posterior_flow is None:
+            return inf["qz_mean"]
+        context = self._posterior_context(inf["qz_mean"], inf["qz_var"])
+        return self.posterior_flow(inf["qz_mean"], context)[0]
+
+    def posterior_log_prob(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log q(z | x) at ``inf["z"]`` (nats), ``(...,)``: Gaussian, minus the IAF's log-determinant."""
+        if self.posterior_flow is None:
+            return gaussian_log_prob(inf["z"], inf["qz_mean"], inf["qz_var"])
+        return gaussian_log_prob(inf["z0"], inf["qz_mean"], inf["qz_var"]) - inf["log_det_q"]
 
     def _decode(self, z: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor | None]:
         """Decoder heads for ``z`` (``(..., B, n_latent)``): ``logits`` (before the softmax over
@@ -252,7 +297,10 @@ class VAEModule(nn.Module):
     def kl_z(self, inf: dict[str, torch.Tensor]) -> torch.Tensor:
         """KL(q(z | x) || p(z)) per cell, ``(B,)``: analytic for the normal prior; for a flow prior
         the one-sample estimate ``-H[q] - log p(z)`` at ``z = inf["z"]`` (the Gaussian entropy is
-        exact, so only ``log p(z)`` is noisy; it is unbiased and reparameterised)."""
+        exact, so only ``log p(z)`` is noisy; it is unbiased and reparameterised). For an IAF posterior:
+        the one-sample ``log q(z | x) - log p(z)``."""
+        if self.posterior_flow is not None:
+            return self.posterior_log_prob(inf) - self.prior_log_prob(inf["z"])
         if self.prior_flow is None:
             return gaussian_kl(inf["qz_mean"], inf["qz_var"])
         entropy = 0.5 * (torch.log(2 * math.pi * inf["qz_var"]) + 1.0).sum(-1)
@@ -283,7 +331,7 @@ class VAEModule(nn.Module):
             batch.nz_log_factorial,
             batch.nz_row_ptr,
         )
-        if self.prior_flow is None:
+        if self.prior_flow is None and self.posterior_flow is None:
             kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
         else:
             kl_z = self.kl_z(inf)
@@ -303,7 +351,8 @@ class VAEModule(nn.Module):
         """Importance-sampled log p(x) per cell (``(B,)``, nats) with q as the proposal.
 
         ``log p(x) ~= logsumexp_k [log p(x | z_k, l_k) + log p(z_k) + log p(l_k) - log q(z_k, l_k | x)] - log K``,
-        with ``log p(z_k)`` the flow's log-density for a flow prior.
+        with ``log p(z_k)`` the flow's log-density for a flow prior; for an IAF posterior ``z_k`` is the
+        flow of a Gaussian draw and ``log q`` includes the flow's log-determinant.
         Samples are drawn ``chunk`` at a time (default: about 4M likelihood entries per pass) and
         processed in one batched decoder pass.
         """
@@ -318,8 +367,13 @@ class VAEModule(nn.Module):
             z = inf["qz_mean"] + inf["qz_var"].sqrt() * torch.randn(
                 (k, *inf["qz_mean"].shape), device=batch.nz_val.device
             )
+            log_q = gaussian_log_prob(z, inf["qz_mean"], inf["qz_var"])
+            if self.posterior_flow is not None:
+                context = self._posterior_context(inf["qz_mean"], inf["qz_var"])
+                z, log_det = self.posterior_flow(z, context)
+                log_q = log_q - log_det
             log_pz = gaussian_log_prob(z, 0.0, 1.0) if self.prior_flow is None else self.prior_flow.log_prob(z)
-            log_w = log_pz - gaussian_log_prob(z, inf["qz_mean"], inf["qz_var"])
+            log_w = log_pz - log_q
             if self.use_observed_library:
                 log_library = inf["log_library"].expand(k, -1, -1)
             else:

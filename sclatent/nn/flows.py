@@ -171,3 +171,90 @@ class FlowPrior(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, n_latent={self.n_latent}, n_flows={len(self.layers)}"
+
+
+POSTERIOR_KINDS = ("normal", "iaf")
+
+
+class IAFPosterior(nn.Module):
+    """An inverse-autoregressive flow (Kingma et al. 2016) on the Gaussian posterior's sample.
+
+        ``z = f_K o ... o f_1 (z0)``, ``z0 ~ N(m(x), v(x))``, each ``f_k`` pyro's
+        :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`
+        (``y_i = x_i exp(s_i) + t_i`` with ``(t_i, s_i)`` a MADE of ``x_{<i}`` and the cell's context) with a
+        :class:`pyro.nn.ConditionalAutoRegressiveNN`. The IAF direction is the cheap one for a posterior:
+        sampling ``z`` and its ``log |det|`` take one pass; only the (unused in training) inverse is
+        sequential. Each MADE keeps the natural order; consecutive layers reverse the coordinates with a
+        ``flip`` (as :class:`FlowPrior` does; an odd number of flips is undone at the end, so the coordinates
+    of ``z`` keep their meaning), so nothing device-bound lives outside the modules. The last
+        layer of every MADE is zero (``t = s = 0``), so a fresh flow is exactly the identity.
+
+        Parameters
+        ----------
+        n_latent
+            Latent dimension ``d``.
+        context_dim
+            Width of the conditioning vector (the VAE passes ``[m(x), log v(x)]``, ``2 d``).
+        n_flows
+            Number of layers ``K``.
+        n_hidden
+            Hidden width of each MADE (one hidden layer).
+        identity_init
+            Zero the MADEs' last layers so the flow starts as the identity.
+    """
+
+    def __init__(
+        self, n_latent: int, context_dim: int, n_flows: int = 4, n_hidden: int = 64, identity_init: bool = True
+    ) -> None:
+        super().__init__()
+        if n_flows < 1:
+            raise ValueError(f"n_posterior_flows must be >= 1, got {n_flows}.")
+        from pyro.distributions.transforms import ConditionalAffineAutoregressive
+        from pyro.nn import ConditionalAutoRegressiveNN
+
+        self.n_latent = n_latent
+        layers = []
+        for _ in range(n_flows):
+            # natural order inside each MADE (the permutation is a registered buffer of the net)
+            arn = ConditionalAutoRegressiveNN(
+                n_latent, context_dim, [n_hidden], param_dims=[1, 1], permutation=torch.arange(n_latent)
+            )
+            if identity_init:
+                with torch.no_grad():
+                    arn.layers[-1].weight.zero_()
+                    arn.layers[-1].bias.zero_()
+            layers.append(ConditionalAffineAutoregressive(arn))
+        self.layers = nn.ModuleList(layers)
+
+    def _flip(self, i: int) -> bool:
+        return i < len(self.layers) - 1
+
+    def forward(self, z0: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z0 -> z`` and ``sum_k log |det df_k|``; ``z0`` ``(..., d)``, ``context`` ``(B, c)``
+        broadcastable to ``z0``'s leading shape; the log-determinant is ``(...)``."""
+        log_det = torch.zeros(z0.shape[:-1], dtype=z0.dtype, device=z0.device)
+        x = z0
+        for i, layer in enumerate(self.layers):
+            t = layer.condition(context)  # a fresh transform each call: no cache outlives the step
+            y = t(x)
+            log_det = log_det + t.log_abs_det_jacobian(x, y)
+            x = y.flip(-1) if self._flip(i) else y
+        if self._restore():
+            x = x.flip(-1)
+        return x, log_det
+
+    def _restore(self) -> bool:
+        """Whether an odd number of reversals is undone at the end (so the identity init is the identity)."""
+        return (len(self.layers) - 1) % 2 == 1
+
+    def inverse(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``z -> z0``, the inverse of :meth:`forward` (sequential over coordinates)."""
+        x = z.flip(-1) if self._restore() else z
+        for i in reversed(range(len(self.layers))):
+            if self._flip(i):
+                x = x.flip(-1)
+            x = self.layers[i].condition(context)._inverse(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"n_latent={self.n_latent}, n_flows={len(self.layers)}"
