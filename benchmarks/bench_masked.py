@@ -71,20 +71,10 @@ def masked_baseline_nll(counts, train_cells, test_cells, mask_rate, seed=0, batc
     frequencies and method-of-moments theta from ``train_cells`` (as
     ``sclatent.metrics.baselines.nb_baseline_log_likelihood``), on the same hidden genes as
     ``MaskedGeneModel.get_masked_nll(indices=test_cells, seed=seed)``."""
-    import scipy.sparse as sp
-    from scipy.special import gammaln
-
+    from sclatent.metrics.baselines import fit_nb_gene_model, nb_log_pmf
     from sclatent.modules.masked import draw_gene_mask
 
-    csr = sp.csr_matrix(counts, dtype=np.float64)
-    library = np.asarray(csr.sum(axis=1)).ravel()
-    train = csr[train_cells]
-    frequency = np.maximum(np.asarray(train.sum(axis=0)).ravel() / train.sum(), 1e-12)
-    lib_train = np.maximum(library[train_cells], 1.0)
-    normalised = sp.diags(lib_train.mean() / lib_train) @ train
-    mean = np.asarray(normalised.mean(axis=0)).ravel()
-    variance = np.asarray(normalised.multiply(normalised).mean(axis=0)).ravel() - mean**2
-    theta = np.clip(mean**2 / np.maximum(variance - mean, 1e-12), 1e-2, 1e4)
+    csr, _, frequency, theta = fit_nb_gene_model(counts, train_cells)
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for start in range(0, len(test_cells), batch_size):
@@ -94,14 +84,7 @@ def masked_baseline_nll(counts, train_cells, test_cells, mask_rate, seed=0, batc
         visible_library = np.maximum((x * ~hidden).sum(1), 1.0)
         visible_share = (frequency[None, :] * ~hidden).sum(1)
         mu = (visible_library / visible_share)[:, None] * frequency[None, :]
-        log_p = (
-            gammaln(x + theta)
-            - gammaln(theta)
-            - gammaln(x + 1)
-            + theta * (np.log(theta) - np.log(theta + mu))
-            + x * (np.log(mu) - np.log(theta + mu))
-        )
-        total += float((log_p * hidden).sum())
+        total += float((nb_log_pmf(x, mu, theta) * hidden).sum())
     return -total / max(1, len(test_cells))
 
 

@@ -46,12 +46,14 @@ def library_gene_mean_predictor(
     return library[rows] * frequency[cols]
 
 
-def nb_baseline_log_likelihood(counts, train_cells: np.ndarray, test_cells: np.ndarray) -> float:
-    """Mean log-likelihood per test cell (nats) under NB(library * p_g, theta_g).
+def fit_nb_gene_model(counts, train_cells: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+    """The model-free NB reference fitted on ``train_cells``: gene frequencies and dispersions.
 
-    ``p_g`` and the per-gene inverse dispersion ``theta_g`` (method of moments on size-normalised
-    counts, clipped to [1e-2, 1e4]) are estimated on ``train_cells``: a model-free reference for the
-    held-out likelihoods of the latent-variable models.
+    Returns
+    -------
+    ``(counts as CSR float64, library (n_cells,), frequency p_g (G,), theta_g (G,))``: ``p_g`` is
+    gene g's share of the training counts, ``theta_g`` the method-of-moments inverse dispersion of
+    the size-normalised training counts, clipped to [1e-2, 1e4].
     """
     csr = sp.csr_matrix(counts, dtype=np.float64)
     library = np.asarray(csr.sum(axis=1)).ravel()
@@ -66,19 +68,33 @@ def nb_baseline_log_likelihood(counts, train_cells: np.ndarray, test_cells: np.n
     variance = second - mean**2
     excess = np.maximum(variance - mean, 1e-12)
     theta = np.clip(mean**2 / excess, 1e-2, 1e4)
+    return csr, library, frequency, theta
+
+
+def nb_log_pmf(x: np.ndarray, mu: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """log NB(x | mean mu, inverse dispersion theta), elementwise (broadcasting), nats."""
+    return (
+        gammaln(x + theta)
+        - gammaln(theta)
+        - gammaln(x + 1)
+        + theta * (np.log(theta) - np.log(theta + mu))
+        + x * (np.log(mu) - np.log(theta + mu))
+    )
+
+
+def nb_baseline_log_likelihood(counts, train_cells: np.ndarray, test_cells: np.ndarray) -> float:
+    """Mean log-likelihood per test cell (nats) under NB(library * p_g, theta_g).
+
+    ``p_g`` and the per-gene inverse dispersion ``theta_g`` (:func:`fit_nb_gene_model`) are
+    estimated on ``train_cells``: a model-free reference for the held-out likelihoods of the
+    latent-variable models.
+    """
+    csr, library, frequency, theta = fit_nb_gene_model(counts, train_cells)
     total = 0.0
     for start in range(0, len(test_cells), 512):
         cells = test_cells[start : start + 512]
-        x = csr[cells].toarray()
         mu = np.maximum(library[cells], 1.0)[:, None] * frequency[None, :]
-        log_p = (
-            gammaln(x + theta)
-            - gammaln(theta)
-            - gammaln(x + 1)
-            + theta * (np.log(theta) - np.log(theta + mu))
-            + x * (np.log(mu) - np.log(theta + mu))
-        )
-        total += log_p.sum()
+        total += nb_log_pmf(csr[cells].toarray(), mu, theta).sum()
     return float(total / max(1, len(test_cells)))
 
 
