@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import data, datasets, distributions, model, modules, nn
+from . import data, datasets, distributions, images, model, modules, nn
 
-__all__ = ["__version__", "data", "datasets", "distributions", "model", "modules", "nn"]
+__all__ = ["__version__", "data", "datasets", "distributions", "images", "model", "modules", "nn"]

@@ -115,3 +115,55 @@ def plot_embedding(adata: ad.AnnData, color: list[str], path: str | os.PathLike 
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def plot_image_grid(
+    images,
+    path: str | os.PathLike | None = None,
+    n_columns: int | None = None,
+    title: str | None = None,
+    cmap: str = "gray_r",
+):
+    """Images ``(N, H, W)`` (or ``(N, 1, H, W)``, values in [0, 1]) tiled into one grid figure.
+
+    Parameters
+    ----------
+    images
+        Array or tensor of grey-scale images.
+    path
+        Save the figure there as PNG.
+    n_columns
+        Images per row (default: a near-square grid).
+    title
+        Figure title.
+    cmap
+        Matplotlib colour map; ``"gray_r"`` draws ink dark on white.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    import numpy as np
+
+    images = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3:
+        raise ValueError(f"expected grey-scale images (N, H, W), got shape {images.shape}.")
+    n, h, w = images.shape
+    n_columns = n_columns or int(np.ceil(np.sqrt(n)))
+    n_rows = int(np.ceil(n / n_columns))
+    canvas = np.ones((n_rows * (h + 1) + 1, n_columns * (w + 1) + 1)) * np.nan
+    for i, image in enumerate(images):
+        r, c = divmod(i, n_columns)
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = image
+    fig, ax = plt.subplots(figsize=(min(12, 0.45 * n_columns + 1), min(12, 0.45 * n_rows + 1)), constrained_layout=True)
+    ax.imshow(canvas, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig

@@ -17,11 +17,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from sclatent._persistence import SAVE_FORMAT_VERSION
 from sclatent.data import SetupError
 from sclatent.datasets import synthetic
 from sclatent.metrics import leiden_scores, nb_baseline_log_likelihood
 from sclatent.model import VAE
-from sclatent.model._base import SAVE_FORMAT_VERSION
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 N_EPOCHS_TRAINED = 40

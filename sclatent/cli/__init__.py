@@ -1,4 +1,5 @@
-"""Command line: ``sclatent fit-<family> [INPUT.h5ad] --out OUT.h5ad``.
+"""Command line: ``sclatent fit-<family> [INPUT.h5ad] --out OUT.h5ad`` for cells, ``sclatent mnist-<model>
+--out DIR`` (and ``toy-flow``) for the image/vector models.
 
 One module per command; each has ``add_command(commands)`` registering its subparser and a
 function that runs it and returns a summary dict.
@@ -9,10 +10,36 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import contrastive, dae, flow, gan, masked, vae
+from . import (
+    contrastive,
+    dae,
+    flow,
+    gan,
+    image_autoencoders,
+    image_cyclegan,
+    image_flow,
+    image_gan,
+    image_simclr,
+    image_vae,
+    masked,
+    vae,
+)
 
 # the order of ``sclatent --help``
-_COMMANDS = [vae, flow, dae, masked, contrastive, gan]
+_COMMANDS = [
+    vae,
+    flow,
+    dae,
+    masked,
+    contrastive,
+    gan,
+    image_vae,
+    image_autoencoders,
+    image_flow,
+    image_gan,
+    image_cyclegan,
+    image_simclr,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,9 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._persistence import read_model_folder, write_model_folder
 from ..data import CellData, Registry, SetupError, get_registry, resolve_device, setup_anndata
 from ..train import TrainingPlan, fit, split_cells
-
-SAVE_FORMAT_VERSION = 1
-_WEIGHTS = "model.pt"
-_METADATA = "metadata.json"
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -245,12 +241,7 @@ class BaseModel:
 
         The AnnData itself is not saved; pass it to :meth:`load`.
         """
-        directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it.")
-        directory.mkdir(parents=True, exist_ok=True)
         metadata = {
-            "format_version": SAVE_FORMAT_VERSION,
             "sclatent_version": __version__,
             "model_class": type(self).__name__,
             "hyperparameters": self.hyperparameters,
@@ -261,19 +252,7 @@ class BaseModel:
             "train_indices": self.train_indices.tolist(),
             "validation_indices": self.validation_indices.tolist(),
         }
-        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        umask = os.umask(0)
-        os.umask(umask)
-        # write to temporary names first so an interrupted save never leaves a half-written model
-        with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as handle:
-            torch.save(state, handle)
-        os.chmod(handle.name, 0o666 & ~umask)  # temp files are 0600; saved models follow the umask
-        os.replace(handle.name, directory / _WEIGHTS)
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-            json.dump(metadata, handle, allow_nan=True)
-        os.chmod(handle.name, 0o666 & ~umask)
-        os.replace(handle.name, directory / _METADATA)
-        return directory
+        return write_model_folder(directory, self.module.state_dict(), metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, adata: ad.AnnData | None = None, accelerator: str = "cpu") -> BaseModel:
@@ -290,20 +269,7 @@ class BaseModel:
         accelerator
             Device to load onto.
         """
-        directory = Path(directory)
-        meta_path, weights_path = directory / _METADATA, directory / _WEIGHTS
-        if not meta_path.exists() or not weights_path.exists():
-            raise FileNotFoundError(f"{directory} does not hold a saved sclatent model ({_METADATA} and {_WEIGHTS}).")
-        metadata = json.loads(meta_path.read_text())
-        if metadata.get("format_version") != SAVE_FORMAT_VERSION:
-            raise ValueError(
-                f"Saved model format {metadata.get('format_version')!r} is not supported "
-                f"(this sclatent reads format {SAVE_FORMAT_VERSION})."
-            )
-        if metadata.get("model_class") != cls.__name__:
-            raise TypeError(
-                f"{directory} holds a {metadata.get('model_class')}, not a {cls.__name__}; load it with that class."
-            )
+        state, metadata = read_model_folder(directory, cls.__name__)
         registry = Registry.from_json(json.dumps(metadata["registry"]))
         if adata is not None:
             _attach_registry(adata, registry)
@@ -313,7 +279,6 @@ class BaseModel:
         model.hyperparameters = metadata["hyperparameters"]
         model.seed = metadata["seed"]
         model.module = cls.module_class(**model._module_kwargs(adata))
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
         model.module.load_state_dict(state)
         model.module.to(resolve_device(accelerator))
         model.module.eval()
