@@ -1,0 +1,260 @@
+"""The image/vector foundation: MNIST and digits loaders, ArrayData, pixel transforms, the ArrayModel
+base (through DigitClassifier), the classifier-based sample-quality metrics and the image grid plot."""
+
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from sclatent import datasets
+from sclatent.data.arrays import ArrayData
+from sclatent.datasets import DatasetUnavailableError, ImageSet
+from sclatent.images import DigitClassifier
+from sclatent.metrics.images import classifier_scores, frechet_distance, linear_probe_accuracy
+from sclatent.nn.pixels import binarise, bits_per_dim, dequantise
+from sclatent.plotting import plot_image_grid
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MNIST_FILES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
+
+
+@pytest.fixture(scope="module")
+def mnist_test() -> ImageSet:
+    try:
+        return datasets.mnist("test", SHARED_DATA)
+    except DatasetUnavailableError as err:
+        pytest.skip(f"MNIST not available: {err}")
+
+
+# --- loaders ---------------------------------------------------------------------------------------
+
+
+def test_mnist_shapes_labels_and_class_counts(mnist_test: ImageSet):
+    train = datasets.mnist("train", SHARED_DATA)
+    assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8
+    assert mnist_test.images.shape == (10000, 28, 28) and mnist_test.levels == 256
+    # the published training class counts (shared/data/README.md)
+    expected = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(train.labels).tolist() == expected
+    assert train.labels[:5].tolist() == [5, 0, 4, 1, 9]
+    unit = mnist_test.unit()
+    assert unit.dtype == np.float32 and unit.min() == 0.0 and unit.max() == 1.0
+    assert not train.images.flags.writeable  # cached arrays cannot be corrupted by a caller
+
+
+def test_mnist_loader_refuses_a_corrupted_file(mnist_test: ImageSet, tmp_path: Path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES[:3]:
+        (raw / name).symlink_to(SHARED_DATA / "MNIST" / "raw" / name)
+    content = bytearray(gzip.decompress((SHARED_DATA / "MNIST" / "raw" / MNIST_FILES[3]).read_bytes()))
+    content[100] = (content[100] + 1) % 10  # one label changed: a valid idx file with the wrong content
+    (raw / MNIST_FILES[3]).write_bytes(gzip.compress(bytes(content)))
+    with pytest.raises(DatasetUnavailableError, match="checksum"):
+        datasets.mnist("test", tmp_path)
+
+
+def test_mnist_split_name_is_checked():
+    with pytest.raises(ValueError, match="split"):
+        datasets.mnist("validation")
+
+
+def test_digits_split_is_stratified_disjoint_and_seeded():
+    full = datasets.digits()
+    train, test = datasets.digits("train"), datasets.digits("test")
+    assert full.images.shape == (1797, 8, 8) and full.levels == 17 and full.images.max() == 16
+    assert len(train) + len(test) == len(full)
+    # stratified: every class keeps ~20% of its images in the test split
+    fractions = np.bincount(test.labels) / np.bincount(full.labels)
+    assert np.all(np.abs(fractions - 0.2) < 0.01)
+    again = datasets.digits("test")
+    np.testing.assert_array_equal(again.images, test.images)
+    other = datasets.digits("test", seed=1)
+    assert not np.array_equal(other.images, test.images)
+
+
+def test_imageset_subset():
+    full = datasets.digits()
+    sub = full.subset(100, seed=3)
+    assert len(sub) == 100 and sub.levels == 17
+    np.testing.assert_array_equal(sub.images, full.subset(100, seed=3).images)
+    threes = full.subset(classes=[3])
+    assert set(threes.labels) == {3} and len(threes) == (full.labels == 3).sum()
+
+
+# --- ArrayData and pixel transforms -----------------------------------------------------------------
+
+
+def test_array_data_iterates_every_item_once_in_seeded_order():
+    x, y = np.arange(23 * 2, dtype=np.float32).reshape(23, 2), np.arange(23) % 5
+    data = ArrayData(x, y)
+    batches = list(data.iterate(np.arange(23), 5, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    seen = torch.cat([b.index for b in batches])
+    assert sorted(seen.tolist()) == list(range(23)) and seen.tolist() != list(range(23))
+    for batch in batches:
+        np.testing.assert_array_equal(batch.x.numpy(), x[batch.index.numpy()])
+        np.testing.assert_array_equal(batch.y.numpy(), y[batch.index.numpy()])
+    again = list(data.iterate(np.arange(23), 5, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.cat([b.index for b in again]), seen)
+    assert [b.size for b in data.iterate(np.arange(23), 5, drop_last=True)] == [5, 5, 5, 5]
+    with pytest.raises(ValueError, match="labels"):
+        ArrayData(x, y[:-1])
+
+
+def test_binarisation_fixed_and_dynamic():
+    x = torch.tensor([[0.0, 0.2, 0.5, 0.51, 1.0]])
+    assert binarise(x, "fixed").tolist() == [[0.0, 0.0, 0.0, 1.0, 1.0]]
+    p = torch.full((200_000,), 0.3)
+    draws = binarise(p, "dynamic", generator=torch.Generator().manual_seed(0))
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    assert abs(draws.mean().item() - 0.3) < 0.005  # Bernoulli(0.3): standard error 0.001
+    again = binarise(p, "dynamic", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    with pytest.raises(ValueError, match="binarisation"):
+        binarise(x, "otsu")
+
+
+def test_dequantisation_stays_in_its_bin():
+    levels = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0))
+    y = dequantise(levels, 256, generator=torch.Generator().manual_seed(1))
+    assert y.min() >= 0.0 and y.max() < 1.0
+    assert torch.equal(torch.floor(y * 256).long(), levels)
+
+
+def test_bits_per_dim_of_the_uniform_density_is_log2_levels():
+    # the uniform density on [0, 1)^D has NLL 0: every one of 256 levels is equally likely, 8 bits
+    assert bits_per_dim(0.0, 784, 256) == pytest.approx(8.0)
+    assert bits_per_dim(-784 * math.log(2.0), 784, 256) == pytest.approx(7.0)
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_matches_the_sqrtm_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3000, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(3000, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # singular covariances (dead ReLU units) stay finite and non-negative
+    singular = np.c_[a, np.zeros(len(a))]
+    assert 0.0 <= frechet_distance(singular, np.c_[b, np.zeros(len(b))]) < np.inf
+    with pytest.raises(ValueError, match="same d"):
+        frechet_distance(a, b[:, :3])
+
+
+def test_classifier_scores():
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    scores = classifier_scores(probabilities, intended=np.array([0, 1, 1, 0]))
+    assert scores["confidence"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 4)
+    assert scores["accuracy"] == pytest.approx(0.75)
+    assert scores["class_entropy"] == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+
+
+def test_linear_probe_accuracy_separates_separable_classes():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    features = rng.normal(size=(600, 5)) + 4.0 * np.eye(3, 5)[labels]
+    assert linear_probe_accuracy(features[:400], labels[:400], features[400:], labels[400:]) > 0.95
+    noise = rng.normal(size=(600, 5))
+    assert linear_probe_accuracy(noise[:400], labels[:400], noise[400:], labels[400:]) < 0.5
+
+
+# --- ArrayModel through the digit classifier --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_splits():
+    return datasets.digits("train"), datasets.digits("test")
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(digit_splits):
+    train, test = digit_splits
+    return DigitClassifier(train.shape, seed=0).train(train, max_epochs=8, validation=test, progress_bar=False)
+
+
+def test_classifier_learns_digits_and_keeps_history(trained_classifier, digit_splits):
+    _, test = digit_splits
+    assert (trained_classifier.predict(test) == test.labels).mean() > 0.9
+    history = trained_classifier.history
+    assert history["epoch"] == list(range(1, 9))
+    assert history["train_reconstruction"][-1] < history["train_reconstruction"][0]
+    assert history["validation_error"][-1] < 0.1
+    probabilities = trained_classifier.predict_proba(test)
+    assert probabilities.shape == (len(test), 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
+    assert trained_classifier.features(test).shape == (len(test), 128)
+
+
+def test_classifier_training_is_seeded(digit_splits):
+    train, _ = digit_splits
+    small = train.subset(200)
+    runs = [DigitClassifier(small.shape, seed=5).train(small, max_epochs=2, progress_bar=False) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].predict_proba(small), runs[1].predict_proba(small))
+    other = DigitClassifier(small.shape, seed=6).train(small, max_epochs=2, progress_bar=False)
+    assert not np.array_equal(other.predict_proba(small), runs[0].predict_proba(small))
+
+
+def test_save_load_round_trip(trained_classifier, digit_splits, tmp_path: Path):
+    _, test = digit_splits
+    trained_classifier.save(tmp_path / "clf")
+    loaded = DigitClassifier.load(tmp_path / "clf")
+    np.testing.assert_array_equal(loaded.predict_proba(test), trained_classifier.predict_proba(test))
+    assert loaded.history == trained_classifier.history and loaded.input_shape == (8, 8)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        trained_classifier.save(tmp_path / "clf")
+    from sclatent.images import ArrayModel
+
+    class OtherModel(ArrayModel):
+        module_class = DigitClassifier.module_class
+
+    with pytest.raises(TypeError, match="DigitClassifier"):
+        OtherModel.load(tmp_path / "clf")
+    with pytest.raises(FileNotFoundError, match="saved sclatent model"):
+        DigitClassifier.load(tmp_path / "nothing")
+
+
+def test_input_errors_name_the_fix(digit_splits):
+    train, _ = digit_splits
+    model = DigitClassifier((8, 8))
+    x = train.unit()
+    with pytest.raises(ValueError, match="rescale"):
+        model.train(train.images.astype(np.float32), train.labels, max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="input_shape"):
+        model.train(x[:, :7, :7], train.labels, max_epochs=1, progress_bar=False)
+    bad = x.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.train(bad, train.labels, max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="needs labels"):
+        model.train(x, max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="integer"):
+        model.train(x, train.labels.astype(float), max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="max_epochs"):
+        model.train(train, max_epochs=0, progress_bar=False)
+    assert not model.is_trained
+    # same number of pixels, other layout: reshaped rather than refused
+    assert model.predict(x.reshape(len(x), 64)).shape == (len(x),)
+
+
+def test_plot_image_grid(tmp_path: Path):
+    images = np.random.default_rng(0).random((10, 8, 8))
+    fig = plot_image_grid(images, tmp_path / "grid.png", n_columns=5, title="digits")
+    assert (tmp_path / "grid.png").stat().st_size > 0 and fig is not None
+    plot_image_grid(torch.rand(4, 1, 8, 8), tmp_path / "grid4.png")
+    with pytest.raises(ValueError, match="grey-scale"):
+        plot_image_grid(np.zeros((2, 3, 8, 8)))
