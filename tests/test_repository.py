@@ -43,3 +43,21 @@ def test_ruff_clean():
         [ruff, "check", "sclatent", "tests", "benchmarks", "tutorials"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_command_takes_max_epochs():
+    from sclatent.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    assert len(commands) >= 6
+    for name, subparser in commands.items():
+        options = {option for action in subparser._actions for option in action.option_strings}
+        assert "--max-epochs" in options, f"sclatent {name} lacks --max-epochs"
+
+
+def test_readme_links_every_tutorial():
+    readme = (ROOT / "README.md").read_text()
+    for page in sorted((ROOT / "tutorials").glob("*.md")):
+        assert f"tutorials/{page.name}" in readme, f"README does not link {page.name}"
+        assert page.with_suffix(".py").exists(), f"{page.name} has no script that regenerates it"
