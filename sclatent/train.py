@@ -279,12 +279,12 @@ def _fit(
         if adversarial:
             epochs.set_postfix({name: f"{record[f'train_{name}_loss']:.3g}" for name in groups})
         else:
-            epochs.set_postfix(
-                {
-                    "elbo": f"{record['train_elbo']:.1f}",
-                    **({"val": f"{record['validation_elbo']:.1f}"} if "validation_elbo" in record else {}),
-                }
-            )
+            # modules without a KL term (autoencoders, flows, contrastive) report a loss, not an ELBO
+            shown, sign = ("elbo", 1.0) if record["train_kl"] != 0.0 else ("loss", -1.0)
+            postfix = {shown: f"{sign * record['train_elbo']:.4g}"}
+            if "validation_elbo" in record:
+                postfix["val"] = f"{sign * record['validation_elbo']:.4g}"
+            epochs.set_postfix(postfix)
         if plan.early_stopping:
             monitored = _monitored(record, plan.monitor)
             if monitored < best - plan.min_delta:

@@ -5,6 +5,7 @@ directory (``SCLATENT_DATA_DIR``, default ``~/.cache/sclatent/data``) and verify
 the packaged manifest; nothing is downloaded at import time.
 """
 
+from ._domains import DOMAIN_KINDS, domain_transform, unpaired_domains
 from ._files import (
     DatasetUnavailableError,
     cellbench_5cl,
@@ -17,18 +18,45 @@ from ._files import (
 from ._images import ImageSet, digits, mnist
 from ._pbmc68k import pbmc68k_counts
 from ._synthetic import synthetic
+from ._toy2d import (
+    ENERGIES,
+    U1,
+    U2,
+    U3,
+    U4,
+    density_grid,
+    energy,
+    gaussian_mixture,
+    log_normaliser,
+    rings,
+    two_moons,
+)
 
 __all__ = [
+    "DOMAIN_KINDS",
+    "ENERGIES",
+    "U1",
+    "U2",
+    "U3",
+    "U4",
     "DatasetUnavailableError",
     "ImageSet",
     "cellbench_5cl",
     "data_dir",
+    "density_grid",
     "digits",
+    "domain_transform",
+    "energy",
     "fetch_file",
+    "gaussian_mixture",
+    "log_normaliser",
     "mnist",
     "mnist_files",
     "mouse_brain_10k_chr1",
     "pbmc3k",
     "pbmc68k_counts",
+    "rings",
     "synthetic",
+    "two_moons",
+    "unpaired_domains",
 ]

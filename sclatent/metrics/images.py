@@ -82,3 +82,70 @@ def linear_probe_accuracy(
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
     probe.fit(train_features, np.asarray(train_labels))
     return float((probe.predict(test_features) == np.asarray(test_labels)).mean())
+
+
+def gaussian_baseline_samples(
+    images: np.ndarray, n: int, labels: np.ndarray | None = None, seed: int = 0, intended: np.ndarray | None = None
+) -> np.ndarray:
+    """A model-free generator: ``n`` draws of a Gaussian with the images' pixel mean and covariance, clipped to [0, 1].
+
+    The reference any trained generator of ``(N, *shape)`` images should beat. With ``labels``
+    ``(N,)`` one Gaussian is fitted per class and draw ``i`` comes from class ``intended[i]``
+    (default ``arange(n) % n_classes``), the baseline of a class-conditional generator.
+
+    Returns
+    -------
+    ``(n, *shape)`` float32 array in [0, 1].
+    """
+    images = np.asarray(images, dtype=np.float64)
+    shape, flat = images.shape[1:], images.reshape(len(images), -1)
+    rng = np.random.default_rng(seed)
+
+    def draw(x: np.ndarray, m: int) -> np.ndarray:
+        # the symmetric square root of the (PSD, often singular) covariance: exact for any rank
+        w, v = np.linalg.eigh(np.cov(x, rowvar=False))
+        root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+        return x.mean(0) + rng.standard_normal((m, x.shape[1])) @ root
+
+    if labels is None:
+        out = draw(flat, n)
+    else:
+        labels = np.asarray(labels)
+        classes = np.unique(labels)
+        intended = classes[np.arange(n) % len(classes)] if intended is None else np.asarray(intended)
+        out = np.zeros((n, flat.shape[1]))
+        for c in np.unique(intended):
+            if (labels == c).sum() < 2:
+                raise ValueError(f"class {c} has fewer than two images: cannot fit its Gaussian.")
+            out[intended == c] = draw(flat[labels == c], int((intended == c).sum()))
+    return np.clip(out, 0.0, 1.0).reshape(n, *shape).astype(np.float32)
+
+
+def generator_scores(classifier, samples, reference, intended: np.ndarray | None = None) -> dict[str, float]:
+    """Quality of ``samples`` judged by a trained ``classifier`` (e.g. :class:`sclatent.images.DigitClassifier`).
+
+    :func:`classifier_scores` of the classifier's probabilities on ``samples`` plus ``frechet``,
+    the :func:`frechet_distance` between its features of ``samples`` and of real ``reference``
+    images. Use the same number of samples and reference images whenever distances are compared.
+    """
+    scores = classifier_scores(classifier.predict_proba(samples), intended)
+    scores["frechet"] = frechet_distance(classifier.features(samples), classifier.features(reference))
+    return scores
+
+
+def labels_per_class(labels: np.ndarray, n_per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random ``n_per_class`` items of every class (few-label probes).
+
+    Raises a ValueError when a class has fewer than ``n_per_class`` items.
+    """
+    labels = np.asarray(labels)
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}.")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < n_per_class:
+            raise ValueError(f"class {label} has {len(members)} items, fewer than n_per_class={n_per_class}.")
+        chosen.append(rng.choice(members, size=n_per_class, replace=False))
+    return np.sort(np.concatenate(chosen))

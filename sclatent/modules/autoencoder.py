@@ -27,6 +27,7 @@ from ..data.loader import MiniBatch
 from ..distributions import GENE_LIKELIHOODS, log_prob, softmax_count_log_likelihood
 from ..nn import MLP
 from ..nn.noise import InputNoise
+from ..nn.regularisers import contractive_penalty
 from ._base import LossOutput
 
 AUTOENCODER_LIKELIHOODS = (*GENE_LIKELIHOODS, "gaussian")
@@ -264,9 +265,7 @@ class AutoencoderModule(nn.Module):
             total = total + self.sparsity * extra["l1"]
         if penalise_jacobian:
             # Hutchinson: E_v ||v^T J||^2 = ||J||_F^2 for v ~ N(0, I); one probe per cell
-            probe = torch.randn_like(code)
-            (vjp,) = torch.autograd.grad((code * probe).sum(), u, create_graph=True)
-            extra["contractive"] = (vjp**2).sum(-1)
+            extra["contractive"] = contractive_penalty(code, u)
             total = total + self.contractive * extra["contractive"]
         if not self.training and self.validation_mask_rate > 0:
             extra["masked_nll"] = self.masked_nll(batch)

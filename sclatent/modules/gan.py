@@ -117,15 +117,17 @@ def gradient_penalty(
 ) -> torch.Tensor:
     """``(B,)`` WGAN-GP penalty ``(||grad_u D(u^, y)||_2 - 1)^2`` at ``u^ = a real + (1 - a) fake``.
 
-    ``a ~ U(0, 1)`` per cell. The graph is kept (``create_graph``) so the penalty trains the critic.
-    The critic treats cells independently, so the gradient of the summed scores gives every
-    cell's own input gradient in one backward pass.
+    ``a ~ U(0, 1)`` per item. The graph is kept (``create_graph``) so the penalty trains the critic.
+    The critic treats items independently, so the gradient of the summed scores gives every
+    item's own input gradient in one backward pass. Items may be vectors ``(B, G)`` or images
+    ``(B, *shape)``: the norm is over all of an item's entries. ``critic(u, labels)`` returns ``(B,)``.
     """
     alpha = torch.rand(real.shape[0], 1, generator=generator, device=real.device, dtype=real.dtype)
+    alpha = alpha.view(real.shape[0], *([1] * (real.dim() - 1)))
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     scores = critic(mixed, labels)
     (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
-    return (grad.norm(dim=-1) - 1.0) ** 2
+    return (grad.flatten(1).norm(dim=-1) - 1.0) ** 2
 
 
 class GANModule(nn.Module):
