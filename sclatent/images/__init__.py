@@ -5,6 +5,27 @@ trains with ``.train(...)`` into ``.history``, and saves/loads like the AnnData 
 """
 
 from ._base import ArrayModel
+from .autoencoder import ImageAutoencoder
 from .classifier import DigitClassifier
+from .cyclegan import CycleGAN, evaluate_translation
+from .flow import DensityFlow, EnergyFlow, ImageFlow
+from .gan import ImageGAN, evaluate_image_gan
+from .masked import MaskedImageAutoencoder
+from .simclr import SimCLR
+from .vae import ImageVAE
 
-__all__ = ["ArrayModel", "DigitClassifier"]
+__all__ = [
+    "ArrayModel",
+    "CycleGAN",
+    "DensityFlow",
+    "DigitClassifier",
+    "EnergyFlow",
+    "ImageAutoencoder",
+    "ImageFlow",
+    "ImageGAN",
+    "ImageVAE",
+    "MaskedImageAutoencoder",
+    "SimCLR",
+    "evaluate_image_gan",
+    "evaluate_translation",
+]
