@@ -18,6 +18,7 @@ from ._files import (
 from ._images import ImageSet, digits, mnist
 from ._pbmc68k import pbmc68k_counts
 from ._synthetic import synthetic
+from ._synthetic_h5ad import synthetic_h5ad
 from ._toy2d import (
     ENERGIES,
     U1,
@@ -57,6 +58,7 @@ __all__ = [
     "pbmc68k_counts",
     "rings",
     "synthetic",
+    "synthetic_h5ad",
     "two_moons",
     "unpaired_domains",
 ]

@@ -60,6 +60,32 @@ def _balanced_labels(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return rng.permutation(np.arange(n) % k)
 
 
+def _expression_profiles(
+    z: np.ndarray,
+    batch: np.ndarray,
+    baseline: np.ndarray,
+    w_lin: np.ndarray,
+    w_nonlin: np.ndarray,
+    batch_shift: np.ndarray,
+) -> np.ndarray:
+    """``(n, G)`` gene proportions ``softmax(b + W z + 0.5 V tanh(z) + s_batch)`` of ``(n, L)`` latents."""
+    logits = baseline + z @ w_lin + _NONLINEAR_WEIGHT * np.tanh(z) @ w_nonlin + batch_shift[batch]
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs
+
+
+def _zinb_counts(rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray, zero_inflation: float) -> np.ndarray:
+    """``(n, G)`` float64 ZINB counts with means ``mean`` (before dropout) and inverse dispersions ``theta``."""
+    # Gamma(shape=theta, scale=mu/theta) has mean mu and variance mu^2/theta: Poisson of it is NB.
+    rate = rng.gamma(shape=theta[None, :], scale=mean / theta[None, :])
+    counts = rng.poisson(rate).astype(np.float64)
+    if zero_inflation > 0:
+        counts[rng.random(counts.shape) < zero_inflation] = 0.0
+    return counts
+
+
 def synthetic(
     n_cells: int = 1000,
     n_genes: int = 200,
@@ -148,20 +174,13 @@ def synthetic(
     w_lin = rng.standard_normal((n_latent, n_genes)) / np.sqrt(n_latent)
     w_nonlin = rng.standard_normal((n_latent, n_genes)) / np.sqrt(n_latent)
     batch_shift = batch_effect * rng.standard_normal((n_batches, n_genes))
-    logits = baseline + z @ w_lin + _NONLINEAR_WEIGHT * np.tanh(z) @ w_nonlin + batch_shift[batch]
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = _expression_profiles(z, batch, baseline, w_lin, w_nonlin, batch_shift)
 
     library = np.exp(log_lib_mean + log_lib_sd * rng.standard_normal(n_cells))
     mean = library[:, None] * probs
 
     theta = dispersion * np.exp(_DISPERSION_LOG_SD * rng.standard_normal(n_genes))
-    # Gamma(shape=theta, scale=mu/theta) has mean mu and variance mu^2/theta: Poisson of it is NB.
-    rate = rng.gamma(shape=theta[None, :], scale=mean / theta[None, :])
-    counts = rng.poisson(rate).astype(np.float64)
-    if zero_inflation > 0:
-        counts[rng.random(counts.shape) < zero_inflation] = 0.0
+    counts = _zinb_counts(rng, mean, theta, zero_inflation)
 
     empty = np.flatnonzero(counts.sum(axis=1) == 0)
     for i in empty:
