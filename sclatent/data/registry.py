@@ -112,17 +112,17 @@ def get_count_matrix(adata: ad.AnnData, layer: str | None):
         where = f"adata.layers[{layer!r}]"
     if matrix is None:
         raise SetupError(f"{where} is empty (None). Put the raw counts there or choose another layer.")
-    if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset) or getattr(adata, "isbacked", False):
-        raise SetupError(
-            "Backed (on-disk) AnnData is not supported yet. Load it into memory with "
-            "anndata.read_h5ad(path) (sparse matrices stay sparse)."
-        )
-    if not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)):
+    from .ondisk import is_on_disk, refuse_csc  # (ondisk imports this module)
+
+    if is_on_disk(matrix):
+        # left on disk: backed h5ad / zarr, read in row ranges by sclatent.data.ondisk
+        refuse_csc(matrix, where)
+    elif not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)):
         try:
             matrix = np.asarray(matrix)
         except Exception as err:  # pragma: no cover - exotic array types
             raise SetupError(f"{where} has unsupported type {type(matrix).__name__}.") from err
-    if matrix.ndim != 2 or matrix.shape != (adata.n_obs, adata.n_vars):
+    if len(matrix.shape) != 2 or tuple(matrix.shape) != (adata.n_obs, adata.n_vars):
         raise SetupError(f"{where} has shape {matrix.shape}, expected {(adata.n_obs, adata.n_vars)}.")
     if not np.issubdtype(matrix.dtype, np.number) or np.issubdtype(matrix.dtype, np.complexfloating):
         raise SetupError(f"{where} has dtype {matrix.dtype}; counts must be a real numeric type.")
@@ -130,6 +130,13 @@ def get_count_matrix(adata: ad.AnnData, layer: str | None):
 
 
 def _row_chunks(matrix):
+    from .ondisk import DiskMatrix, is_on_disk
+
+    if is_on_disk(matrix):
+        # raw row-range reads: anndata's CSRDataset slicing is several times slower
+        for start, chunk in DiskMatrix(matrix).chunks(_CHUNK_ROWS):
+            yield start, chunk.data, chunk
+        return
     for start in range(0, matrix.shape[0], _CHUNK_ROWS):
         chunk = matrix[start : start + _CHUNK_ROWS]
         if sp.issparse(chunk):
@@ -140,10 +147,12 @@ def _row_chunks(matrix):
             yield start, chunk.ravel(), chunk
 
 
-def check_counts(matrix, where: str, allow_non_integer: bool) -> tuple[np.ndarray, np.ndarray]:
+def check_counts(matrix, where: str, allow_non_integer: bool, chunks=None) -> tuple[np.ndarray, np.ndarray]:
     """Check that ``matrix`` holds finite, non-negative (integer) counts.
 
-    Reads the matrix in row chunks, never densifying it whole.
+    Reads the matrix in row chunks, never densifying it whole (on disk too: backed h5ad, zarr).
+    ``chunks``, an iterable of ``(start_row, values, chunk)``, replaces that reading (a caller
+    that makes its own pass over the rows validates in the same pass).
 
     Returns
     -------
@@ -152,10 +161,10 @@ def check_counts(matrix, where: str, allow_non_integer: bool) -> tuple[np.ndarra
     """
     n_cells, n_genes = matrix.shape
     cell_totals = np.zeros(n_cells)
-    gene_totals = np.zeros(n_genes)
+    gene_totals = None  # sized by the chunks (a caller's chunks may have its own gene order)
     n_bad = n_negative = n_fraction = 0
     example_fraction = None
-    for start, values, chunk in _row_chunks(matrix):
+    for start, values, chunk in _row_chunks(matrix) if chunks is None else chunks:
         values = np.asarray(values, dtype=np.float64)
         finite = np.isfinite(values)
         n_bad += int((~finite).sum())
@@ -167,7 +176,9 @@ def check_counts(matrix, where: str, allow_non_integer: bool) -> tuple[np.ndarra
                 example_fraction = example_fraction if example_fraction is not None else values[fractional][0]
         rows = np.asarray(chunk.sum(axis=1, dtype=np.float64)).ravel()
         cell_totals[start : start + rows.size] = rows
-        gene_totals += np.asarray(chunk.sum(axis=0, dtype=np.float64)).ravel()
+        column_totals = np.asarray(chunk.sum(axis=0, dtype=np.float64)).ravel()
+        gene_totals = column_totals if gene_totals is None else gene_totals + column_totals
+    gene_totals = np.zeros(n_genes) if gene_totals is None else gene_totals
     if n_bad:
         raise SetupError(
             f"{where} contains {n_bad} NaN or infinite values. Counts must be finite: remove the "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import anndata as ad
@@ -10,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.ondisk import MatrixWriter, is_on_disk, row_totals
 from ..data.registry import get_count_matrix
 from ..modules.vae import DISPERSIONS, POSTERIORS, PRIORS, VAEModule
 from ._base import BaseModel
@@ -188,7 +191,8 @@ class VAE(BaseModel):
         batch_size: int = 256,
         return_numpy: bool = False,
         seed: int | None = None,
-    ) -> pd.DataFrame | np.ndarray:
+        out: str | os.PathLike | None = None,
+    ) -> pd.DataFrame | np.ndarray | Path:
         """Denoised expression: the decoder's mean, averaged over ``n_samples`` posterior draws.
 
         Parameters
@@ -198,13 +202,25 @@ class VAE(BaseModel):
             counts per 10k); ``"latent"`` returns expected counts at each cell's own library size.
         n_samples
             Posterior samples of z to average (1 uses the posterior mean).
+        out
+            Write the result to this new ``.h5ad`` file or ``.zarr`` store minibatch by minibatch
+            instead of returning it (the dense ``(n_cells, n_genes)`` result of a large dataset does
+            not fit in memory): an AnnData whose dense ``X`` holds the values, with the cells' and
+            genes' names; open it with ``anndata.read_h5ad(out, backed="r")`` or
+            :func:`sclatent.data.read_backed`. Memory stays at one minibatch.
 
         Returns
         -------
-        ``(n_cells, n_genes)`` DataFrame (cells x genes) or array with ``return_numpy``.
+        ``(n_cells, n_genes)`` DataFrame (cells x genes) or array with ``return_numpy``; the path
+        written with ``out``.
         """
-        out = []
-        with seeded(seed):
+        writer = None
+        if out is not None:
+            data_obs = (self.adata if adata is None else adata).obs_names
+            rows = data_obs if indices is None else data_obs[self._indices(self._data(adata), indices)]
+            writer = MatrixWriter(out, rows, self.var_names)
+        chunks = []
+        with seeded(seed), writer or contextlib.nullcontext():
             for batch in self._batches(adata, indices, batch_size):
                 inf = self.module.inference(batch, n_samples=n_samples)
                 z = self.module.latent_mean(inf) if n_samples == 1 else inf["z"]
@@ -215,8 +231,13 @@ class VAE(BaseModel):
                     values = values.mean(0)
                 if library_size != "latent":
                     values = values * float(library_size)
-                out.append(values.cpu())
-        values = torch.cat(out).numpy() if out else np.zeros((0, self.registry.n_genes), np.float32)
+                if writer is not None:
+                    writer.write(values.cpu().numpy())
+                else:
+                    chunks.append(values.cpu())
+        if writer is not None:
+            return writer.path
+        values = torch.cat(chunks).numpy() if chunks else np.zeros((0, self.registry.n_genes), np.float32)
         if return_numpy:
             return values
         data_obs = (self.adata if adata is None else adata).obs_names
@@ -319,7 +340,8 @@ class VAE(BaseModel):
 def _library_prior(adata: ad.AnnData, registry) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance of the log library size of the non-empty cells in each batch."""
     matrix, _ = get_count_matrix(adata, registry.layer)
-    totals = np.asarray(matrix.sum(axis=1)).ravel()
+    # a matrix on disk is summed in row chunks, never loaded whole
+    totals = row_totals(matrix) if is_on_disk(matrix) else np.asarray(matrix.sum(axis=1)).ravel()
     if registry.batch_key:
         from ..data.registry import encode_categorical
 
