@@ -106,6 +106,63 @@ class FlatAdam:
         denominator = (self.exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(self.eps)
         self.flat.addcdiv_(self.exp_avg, denominator, value=-self.lr / bias_correction1)
 
+    def state_dict(self) -> dict:
+        """The optimiser's state as tensors and plain values (for a checkpoint; the settings are not in it).
+
+        Returns
+        -------
+        Flat path: ``{"kind": "flat", "steps": int, "step": () float32 tensor, "exp_avg": (P,),
+        "exp_avg_sq": (P,)}`` with ``P`` the number of optimised scalars. Fallback path:
+        ``{"kind": "adam", "adam": torch.optim.Adam.state_dict()}``. Tensors are copies on the CPU.
+        """
+        if self._fallback is not None:
+            saved = self._fallback.state_dict()
+            state = {
+                index: {
+                    key: value.detach().cpu().clone() if torch.is_tensor(value) else value
+                    for key, value in entry.items()
+                }
+                for index, entry in saved["state"].items()
+            }
+            return {"kind": "adam", "adam": {"state": state, "param_groups": saved["param_groups"]}}
+        return {
+            "kind": "flat",
+            "steps": self.steps,
+            "step": self._step_tensor.detach().cpu().clone(),
+            "exp_avg": self.exp_avg.detach().cpu().clone(),
+            "exp_avg_sq": self.exp_avg_sq.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of an optimiser over parameters of the same shapes.
+
+        Raises
+        ------
+        ValueError
+            ``state`` is of the other path (flat vs fallback) or of another parameter count.
+        """
+        kind = state.get("kind") if isinstance(state, dict) else None
+        expected = "adam" if self._fallback is not None else "flat"
+        if kind != expected:
+            raise ValueError(
+                f"optimiser state of kind {kind!r} cannot be loaded into a FlatAdam on the {expected!r} path "
+                "(parameters on other devices or dtypes than when it was saved?)."
+            )
+        if self._fallback is not None:
+            self._fallback.load_state_dict(state["adam"])
+            return
+        n = self.flat.numel()
+        for key in ("exp_avg", "exp_avg_sq"):
+            if not torch.is_tensor(state[key]) or state[key].shape != (n,):
+                raise ValueError(
+                    f"optimiser state {key!r} does not hold {n} values; the parameters differ from the saved ones."
+                )
+        with torch.no_grad():
+            self.exp_avg.copy_(state["exp_avg"])
+            self.exp_avg_sq.copy_(state["exp_avg_sq"])
+            self._step_tensor.copy_(state["step"])
+        self.steps = int(state["steps"])
+
     def release(self) -> None:
         """Give every parameter its own storage back (and drop the gradients)."""
         if self.flat is None:
