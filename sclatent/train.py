@@ -7,14 +7,28 @@ loop is simple enough that a framework adds overhead without adding function.
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    is_checkpoint_writer,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    run_fingerprint,
+    save_checkpoint,
+)
 from .data.loader import CellData
+from .distributed import DistributedContext, global_step_sizes, rank_minibatches
 from .modules._base import LossOutput
 from .optim import FlatAdam
 
@@ -93,14 +107,27 @@ def _new_totals() -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(module: torch.nn.Module, data: CellData, cells: np.ndarray, batch_size: int = 1024) -> dict[str, float]:
-    """Mean ELBO, reconstruction and KL per cell of ``module`` on ``cells`` (eval mode)."""
+def evaluate(
+    module: torch.nn.Module,
+    data: CellData,
+    cells: np.ndarray,
+    batch_size: int = 1024,
+    distributed: DistributedContext | None = None,
+) -> dict[str, float]:
+    """Mean ELBO, reconstruction and KL per cell of ``module`` on ``cells`` (eval mode).
+
+    With a multi-process ``distributed`` context each rank evaluates its share of ``cells`` and
+    the totals are summed over the ranks: every rank returns the means over all of ``cells``.
+    """
+    parallel = distributed is not None and distributed.enabled
     was_training = module.training
     module.eval()
     totals = _new_totals()
-    for batch in data.iterate(cells, batch_size):
+    for batch in data.iterate(distributed.shard_evenly(cells) if parallel else cells, batch_size):
         _accumulate(totals, module.loss(batch, kl_weight=1.0))
     module.train(was_training)
+    if parallel:
+        totals = distributed.sum_totals(totals)
     means = _means(totals, "x")
     return {k[2:]: v for k, v in means.items()}
 
@@ -114,6 +141,9 @@ def fit(
     seed: int = 0,
     progress_bar: bool = True,
     description: str = "Training",
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_identity: Mapping[str, str | int | float | bool | None] | None = None,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, list[float]]:
     """Train ``module`` in place with Adam on ``data`` and return the per-epoch history.
 
@@ -128,9 +158,31 @@ def fit(
     with the other groups frozen. Their history holds ``train_<group>_loss`` per group, the groups'
     ``LossOutput.extra`` terms as ``train_<term>``, ``train_loss`` (the sum of the groups' losses)
     and, with validation cells, the same as ``validation_*``; no ELBO.
+
+    With ``checkpoint_dir``, the state after every epoch (parameters, optimiser moments, random
+    generators, history, early-stopping state) replaces ``checkpoint_dir/checkpoint.pt`` atomically
+    (:mod:`sclatent.checkpoint`). If that file already holds a checkpoint of this run, training
+    continues after its last epoch, ending with the parameters an uninterrupted run would have
+    (bit for bit on the same device and thread count), and the returned history covers the whole
+    run. "This run" means the same module class and state-dict shapes, plan (``max_epochs`` aside:
+    a run can be extended), seed, training and validation cells, and ``checkpoint_identity`` (the
+    caller's further fields, e.g. model class, genes, hyperparameters); a checkpoint of another
+    run, or an unreadable one, raises :class:`sclatent.checkpoint.CheckpointError`. In a distributed
+    run only rank 0 writes, and a resume is a valid continuation but not bit-identical (the other
+    ranks' random generators are not stored).
+
+    With a multi-process ``distributed`` context (:func:`sclatent.distributed.context` under
+    torchrun), every rank calls ``fit`` with the same arguments and trains on its part of each
+    global minibatch of ``world_size * plan.batch_size`` cells (see :mod:`sclatent.distributed`):
+    ``data`` needs ``epoch_order(cells, generator)`` and ``iterate(..., batch_sizes=...)``. Every
+    rank ends with the same parameters and history; the progress bar shows on rank 0 only.
     """
-    torch.manual_seed(seed)
+    parallel = distributed is not None and distributed.enabled
+    # dropout and sampling noise differ per rank; the minibatch order (generator) is shared
+    torch.manual_seed(distributed.rank_seed(seed) if parallel else seed)
     generator = torch.Generator().manual_seed(seed)
+    if parallel:
+        distributed.broadcast_module_(module)  # every rank starts from rank 0's initialisation
     groups = _parameter_groups(module)
     if groups is None:
         parameters = [p for p in module.parameters() if p.requires_grad]
@@ -146,15 +198,145 @@ def fit(
             )
             for name, params in groups.items()
         }
+    checkpoint = None
+    if checkpoint_dir is not None:
+        fingerprint = run_fingerprint(
+            module,
+            plan,
+            seed,
+            train_cells,
+            validation_cells,
+            None if groups is None else list(groups),
+            checkpoint_identity,
+        )
+        checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint)
     try:
         history = _fit(
-            module, data, train_cells, validation_cells, plan, optimizer, generator, progress_bar, description
+            module,
+            data,
+            train_cells,
+            validation_cells,
+            plan,
+            optimizer,
+            generator,
+            progress_bar,
+            description,
+            checkpoint=checkpoint,
+            distributed=distributed if parallel else None,
         )
     finally:
         for opt in optimizer.values() if isinstance(optimizer, dict) else [optimizer]:
             opt.release()
     module.eval()
     return history
+
+
+class _Checkpoint:
+    """Saving and resuming the state of :func:`_fit` between epochs (format in :mod:`sclatent.checkpoint`)."""
+
+    def __init__(self, directory: Path, fingerprint: dict) -> None:
+        self.directory, self.fingerprint = directory, fingerprint
+
+    @staticmethod
+    def _optimizers(optimizer: FlatAdam | dict[str, FlatAdam]) -> dict[str, FlatAdam]:
+        return optimizer if isinstance(optimizer, dict) else {"adam": optimizer}
+
+    def resume(
+        self,
+        module: torch.nn.Module,
+        optimizer: FlatAdam | dict[str, FlatAdam],
+        generator: torch.Generator,
+        plan: TrainingPlan,
+    ) -> tuple | None:
+        """Load the checkpoint into ``module``, ``optimizer`` and the generators; None if there is none.
+
+        Returns
+        -------
+        ``(completed epochs, stopped early, global step, history, best, epochs without improvement,
+        best state)``, the loop state :func:`_fit` continues from.
+        """
+        state = load_checkpoint(self.directory, self.fingerprint)
+        if state is None:
+            return None
+        path = checkpoint_path(self.directory)
+        if state["epoch"] > plan.max_epochs:
+            raise CheckpointError(
+                f"{path} holds {state['epoch']} trained epochs, more than max_epochs={plan.max_epochs}. "
+                f"Pass max_epochs >= {state['epoch']}, delete {path}, or pass another checkpoint_dir."
+            )
+        try:
+            module.load_state_dict(state["module"])
+            optimizers = self._optimizers(optimizer)
+            if set(state["optimizers"]) != set(optimizers):
+                raise ValueError(f"optimisers {sorted(state['optimizers'])}, expected {sorted(optimizers)}")
+            for name, opt in optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+            restore_rng_state(state["rng"], _device_of(module), generator)
+            stopping = state["early_stopping"]
+            best_state = stopping["best_state"]
+            if best_state is not None:
+                best_state = {k: v.to(_device_of(module)) for k, v in best_state.items()}
+            return (
+                int(state["epoch"]),
+                bool(state["stopped"]),
+                int(state["global_step"]),
+                state["history"],
+                float(stopping["best"]),
+                int(stopping["epochs_without_improvement"]),
+                best_state,
+            )
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(
+                f"{path} matches this run but its state cannot be restored ({error!r}). "
+                f"Delete {path} to start from scratch, or pass another checkpoint_dir."
+            ) from None
+
+    def save(
+        self,
+        module: torch.nn.Module,
+        optimizer: FlatAdam | dict[str, FlatAdam],
+        generator: torch.Generator,
+        epoch: int,
+        stopped: bool,
+        global_step: int,
+        history: dict[str, list[float]],
+        early_stopping: dict,
+    ) -> None:
+        """Write everything the epoch after ``epoch`` (completed epochs) depends on (rank 0 only)."""
+        if not is_checkpoint_writer():
+            return  # spare the other ranks of a distributed run the copies
+        best_state = early_stopping["best_state"]
+        save_checkpoint(
+            self.directory,
+            {
+                "fingerprint": self.fingerprint,
+                "epoch": epoch,
+                "stopped": stopped,
+                "global_step": global_step,
+                # numbers as Python floats and ints: a NumPy scalar would not pass weights_only
+                "history": {k: [_plain_number(v) for v in values] for k, values in history.items()},
+                "early_stopping": {
+                    "best": float(early_stopping["best"]),
+                    "epochs_without_improvement": int(early_stopping["epochs_without_improvement"]),
+                    "best_state": None if best_state is None else {k: v.cpu() for k, v in best_state.items()},
+                },
+                "module": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+                "optimizers": {name: opt.state_dict() for name, opt in self._optimizers(optimizer).items()},
+                "rng": rng_state(_device_of(module), generator),
+            },
+        )
+
+
+def _plain_number(value):
+    """A NumPy or 0-d tensor number as the Python number it holds; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic | torch.Tensor) else value
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), torch.empty(0))
+    return tensor.device
 
 
 def _parameter_groups(module: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]] | None:
@@ -189,12 +371,15 @@ def _group_step(
     optimizers: dict[str, FlatAdam],
     groups: dict[str, list[torch.nn.Parameter]],
     kl_weight: float,
+    *,
+    reduce: Callable[[FlatAdam], None] | None = None,
 ) -> LossOutput:
     """One update of parameter group ``name`` on its own objective; every other group is frozen.
 
     Freezing (``requires_grad_(False)``) keeps autograd from computing the other groups' weight
     gradients at all (a generator step still backpropagates *through* the critic to its input, but
     needs no gradient for the critic's weights), and only ``name``'s optimiser steps.
+    ``reduce(optimizer)``, if given, combines the ranks' gradients before the step.
     """
     frozen = [p for other, params in groups.items() if other != name for p in params]
     for p in frozen:
@@ -206,6 +391,8 @@ def _group_step(
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if reduce is not None:
+        reduce(optimizers[name])
     optimizers[name].step()
     return out
 
@@ -220,40 +407,89 @@ def _fit(
     generator: torch.Generator,
     progress_bar: bool,
     description: str,
+    checkpoint: _Checkpoint | None = None,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, list[float]]:
     adversarial = isinstance(optimizer, dict)
     groups = _parameter_groups(module) if adversarial else None
     global_step = 0
     n_train = len(train_cells)
-    # a final minibatch of one cell would break BatchNorm; fold such a remainder away
-    drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2
-    steps_per_epoch = n_train // plan.batch_size if drop_last else math.ceil(n_train / plan.batch_size)
+    if distributed is not None:
+        if not hasattr(data, "epoch_order"):
+            raise TypeError(
+                f"{type(data).__name__} cannot be split across processes: it lacks epoch_order(cells, generator) "
+                "and iterate(..., batch_sizes=...). Train it in one process (without torchrun)."
+            )
+        # the same global minibatches, hence the same number of steps (and collectives), on every rank
+        step_sizes = global_step_sizes(n_train, plan.batch_size, distributed.world_size)
+        steps_per_epoch = len(step_sizes)
+        # per-rank draws inside iterate (neighbour picks) must not advance the shared generator
+        noise_generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    else:
+        # a final minibatch of one cell would break BatchNorm; fold such a remainder away
+        drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2
+        steps_per_epoch = n_train // plan.batch_size if drop_last else math.ceil(n_train / plan.batch_size)
     history: dict[str, list[float]] = {}
     best, epochs_without_improvement = math.inf, 0
     best_state: dict[str, torch.Tensor] | None = None
-    epochs = tqdm(range(plan.max_epochs), desc=description, disable=not progress_bar, unit="epoch")
+    first_epoch, stopped = 0, False
+    if checkpoint is not None and (saved := checkpoint.resume(module, optimizer, generator, plan)) is not None:
+        # continue after the last saved epoch (parameters, optimisers and random generators are restored)
+        first_epoch, stopped, global_step, history, best, epochs_without_improvement, best_state = saved
+    epochs = tqdm(
+        range(first_epoch, first_epoch if stopped else plan.max_epochs),
+        desc=description,
+        disable=not progress_bar or (distributed is not None and not distributed.is_main),
+        unit="epoch",
+        initial=first_epoch,
+        total=plan.max_epochs,
+    )
     module.train()
     for epoch in epochs:
         start = time.perf_counter()
         totals = _new_totals()
         group_totals: dict[str, dict[str, float]] = {}
         loss_sum = 0.0
-        for step, batch in enumerate(
-            data.iterate(train_cells, plan.batch_size, shuffle=True, generator=generator, drop_last=drop_last)
-        ):
+        reduce = None
+        if distributed is not None:
+            own_cells, own_sizes = rank_minibatches(
+                data.epoch_order(train_cells, generator), step_sizes, distributed.rank
+            )
+            minibatches = data.iterate(own_cells, plan.batch_size, generator=noise_generator, batch_sizes=own_sizes)
+        else:
+            minibatches = data.iterate(
+                train_cells, plan.batch_size, shuffle=True, generator=generator, drop_last=drop_last
+            )
+        for step, batch in enumerate(minibatches):
             kl_weight = plan.kl_weight(epoch, step, steps_per_epoch)
+            if distributed is not None:
+                # weighting by the rank's share of the global minibatch makes the summed gradient
+                # that of the global minibatch's mean loss, whatever the parts' sizes
+                share = batch.size / int(step_sizes[step].sum())
+
+                def reduce(opt: FlatAdam, share: float = share) -> None:
+                    distributed.sum_gradients_(opt, share)
+
             if adversarial:
+                # (reduce passed only when there is one: the one-process call is the one it always was)
+                reducing = {} if reduce is None else {"reduce": reduce}
                 for name in module.groups_to_step(global_step):
-                    out = _group_step(module, batch, name, optimizer, groups, kl_weight)
+                    out = _group_step(module, batch, name, optimizer, groups, kl_weight, **reducing)
                     _accumulate_group(group_totals, name, out, batch.size)
                 global_step += 1
                 continue
             out = module.loss(batch, kl_weight=kl_weight)
             optimizer.zero_grad()
             out.loss.backward()
+            if reduce is not None:
+                reduce(optimizer)
             optimizer.step()
             loss_sum += float(out.loss.detach()) * batch.size
             _accumulate(totals, out)
+        if distributed is not None:
+            distributed.average_running_statistics_(module)  # BatchNorm's, once per epoch
+            summed = distributed.sum_totals({"train": totals, "groups": group_totals, "loss_sum": loss_sum})
+            totals, group_totals, loss_sum = summed["train"], summed["groups"], summed["loss_sum"]
         if adversarial:
             record = {"epoch": epoch + 1, **_group_means(group_totals, groups)}
             # one number for the divergence check and early stopping's default: the sum of the groups'
@@ -261,12 +497,13 @@ def _fit(
             # (groups that did not step this epoch, NaN in the record, are left out of the sum)
             record["train_loss"] = sum(record[f"train_{name}_loss"] for name in groups if name in group_totals)
             if len(validation_cells):
-                record.update(_evaluate_groups(module, data, validation_cells, groups))
+                record.update(_evaluate_groups(module, data, validation_cells, groups, distributed=distributed))
         else:
             record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, totals["n"]), "kl_weight": kl_weight}
             record.update(_means(totals, "train"))
             if len(validation_cells):
-                record.update({f"validation_{k}": v for k, v in evaluate(module, data, validation_cells).items()})
+                validation = evaluate(module, data, validation_cells, distributed=distributed)
+                record.update({f"validation_{k}": v for k, v in validation.items()})
         record["seconds"] = time.perf_counter() - start
         for key, value in record.items():
             history.setdefault(key, []).append(value)
@@ -285,6 +522,7 @@ def _fit(
             if "validation_elbo" in record:
                 postfix["val"] = f"{sign * record['validation_elbo']:.4g}"
             epochs.set_postfix(postfix)
+        stop = False
         if plan.early_stopping:
             monitored = _monitored(record, plan.monitor)
             if monitored < best - plan.min_delta:
@@ -293,8 +531,16 @@ def _fit(
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             else:
                 epochs_without_improvement += 1
-                if epochs_without_improvement >= plan.patience:
-                    break
+                stop = epochs_without_improvement >= plan.patience
+        if checkpoint is not None:
+            stopping = {
+                "best": best,
+                "epochs_without_improvement": epochs_without_improvement,
+                "best_state": best_state,
+            }
+            checkpoint.save(module, optimizer, generator, epoch + 1, stop, global_step, history, stopping)
+        if stop:
+            break
     if best_state is not None:
         module.load_state_dict(best_state)
     return history
@@ -327,20 +573,29 @@ def _group_means(totals: dict[str, dict[str, float]], groups: dict[str, list]) -
 
 @torch.no_grad()
 def _evaluate_groups(
-    module: torch.nn.Module, data: CellData, cells: np.ndarray, groups: dict[str, list], batch_size: int = 1024
+    module: torch.nn.Module,
+    data: CellData,
+    cells: np.ndarray,
+    groups: dict[str, list],
+    batch_size: int = 1024,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, float]:
     """``validation_<group>_loss`` and ``validation_<term>`` of every group on held-out cells (eval mode).
 
     Gradient-based terms (a critic's gradient penalty) are not computed under ``no_grad``; a module
-    reports what it can without gradients when ``torch.is_grad_enabled()`` is False.
+    reports what it can without gradients when ``torch.is_grad_enabled()`` is False. With a
+    multi-process ``distributed`` context the cells are sharded and the totals summed over the ranks.
     """
+    parallel = distributed is not None and distributed.enabled
     was_training = module.training
     module.eval()
     totals: dict[str, dict[str, float]] = {}
-    for batch in data.iterate(cells, batch_size):
+    for batch in data.iterate(distributed.shard_evenly(cells) if parallel else cells, batch_size):
         for name in groups:
             _accumulate_group(totals, name, module.loss(batch, kl_weight=1.0, group=name), batch.size)
     module.train(was_training)
+    if parallel:
+        totals = distributed.sum_totals(totals)
     return {f"validation_{k[6:]}": v for k, v in _group_means(totals, groups).items()}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import distributed
 from . import (
     contrastive,
     dae,
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        # a command run by torchrun joined the process group in model.train; leave it cleanly
+        distributed.teardown()
     return 0
 
 

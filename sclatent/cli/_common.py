@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .. import distributed
 from ..metrics.baselines import pca_embedding
 
 
@@ -26,7 +27,8 @@ def load_input(args: argparse.Namespace, command: str):
         adata = sc.read_h5ad(path)
         labels_key = args.labels_key
         source = str(path)
-    print(f"sclatent {command}: {adata.n_obs} cells x {adata.n_vars} genes ({source})")
+    if distributed.is_main_process():
+        print(f"sclatent {command}: {adata.n_obs} cells x {adata.n_vars} genes ({source})")
     return adata, labels_key
 
 
@@ -67,16 +69,24 @@ def setup_from_arguments(model_class, adata, labels_key: str | None, args: argpa
 
 
 def timed_training(model, args: argparse.Namespace, **train_arguments) -> float:
-    """``model.train`` with the command line's epochs, batch size, device and progress bar; seconds."""
+    """``model.train`` with the command line's epochs, batch size, device, progress bar and
+    checkpoint folder; seconds."""
     start = time.perf_counter()
     model.train(
         max_epochs=args.max_epochs,
         batch_size=args.batch_size,
         accelerator=args.accelerator,
         progress_bar=not args.no_progress,
+        checkpoint_dir=getattr(args, "checkpoint_dir", None),
         **train_arguments,
     )
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not distributed.is_main_process():
+        # under torchrun every rank trains, but only rank 0 evaluates, writes files and prints:
+        # the other ranks are done (their parameters equal rank 0's)
+        distributed.teardown()
+        raise SystemExit(0)
+    return seconds
 
 
 def cluster_and_write(adata, model, family: str, labels_key: str | None, args: argparse.Namespace):
@@ -125,3 +135,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default=None, help="model folder (default: OUT stem + '_model')")
     parser.add_argument("--no-baseline", action="store_true", help="skip the scanpy PCA clustering baseline")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="save a checkpoint here after every epoch; rerunning the same command resumes from it",
+    )

@@ -11,7 +11,7 @@ copied over (pinned, non-blocking).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -178,6 +178,10 @@ class CellData:
     ) -> None:
         self.device = torch.device(device)
         matrix, where = get_count_matrix(adata, registry.layer)
+        from .ondisk import is_on_disk, load_into_memory  # (ondisk builds on this module)
+
+        if is_on_disk(matrix):  # backed h5ad / zarr small enough to hold: see ondisk.make_cell_data
+            matrix = load_into_memory(matrix)
         order = gene_order_for_query(adata, registry)
         if validate:
             check_counts(matrix if order is None else matrix[:, order], where, registry.allow_non_integer)
@@ -299,6 +303,16 @@ class CellData:
             cell_index=cell_index,
         )
 
+    def epoch_order(self, cells: np.ndarray | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(n,)`` int64 ``cells`` in a seeded random order: the order of ``iterate(cells, shuffle=True)``.
+
+        Drawn with the same generator calls as a shuffled :meth:`iterate`, so a distributed epoch
+        (every rank draws this order from a shared generator, then takes its part) visits the cells
+        in the order one process would.
+        """
+        cells = _index_tensor(cells)
+        return cells[torch.randperm(cells.numel(), generator=generator)]
+
     def iterate(
         self,
         cells: np.ndarray | torch.Tensor,
@@ -306,13 +320,21 @@ class CellData:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        batch_sizes: Sequence[int] | None = None,
     ) -> Iterator[MiniBatch]:
-        """Minibatches over ``cells`` (indices into this data), optionally in a seeded random order."""
-        cells = torch.as_tensor(np.asarray(cells), dtype=torch.int64)
+        """Minibatches over ``cells`` (indices into this data), optionally in a seeded random order.
+
+        ``batch_sizes`` (positive, summing to ``len(cells)``) sets the size of every minibatch
+        explicitly, overriding ``batch_size`` and ``drop_last``; a distributed rank uses it for its
+        parts of the global minibatches.
+        """
         if shuffle:
-            cells = cells[torch.randperm(cells.numel(), generator=generator)]
-        cells = cells.to(self.device)
+            cells = self.epoch_order(cells, generator)
+        cells = _index_tensor(cells).to(self.device)
         n = cells.numel()
+        if batch_sizes is not None:
+            yield from self._iterate_sizes(cells, _checked_sizes(batch_sizes, n))
+            return
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         # gather many minibatches at once and slice them out: a dozen tensor ops per chunk
         # instead of per minibatch (a tenth of a small model's step on CPU), memory still bounded
@@ -322,3 +344,38 @@ class CellData:
             row_ptr = block.nz_row_ptr.tolist()
             for begin in range(0, block.size, batch_size):
                 yield block.select_rows(begin, min(block.size, begin + batch_size), row_ptr)
+
+    def _iterate_sizes(self, cells: torch.Tensor, sizes: list[int]) -> Iterator[MiniBatch]:
+        """Minibatches of the given sizes over ``cells``, gathered several at a time (as :meth:`iterate`)."""
+        budget = max(1, _GATHER_ENTRIES // max(1, self.n_genes))  # cells per gather
+        first, begin = 0, 0
+        while first < len(sizes):
+            last, count = first + 1, sizes[first]
+            while last < len(sizes) and count + sizes[last] <= budget:
+                count += sizes[last]
+                last += 1
+            block = self.gather(cells[begin : begin + count])
+            row_ptr = block.nz_row_ptr.tolist()
+            offset = 0
+            for size in sizes[first:last]:
+                yield block.select_rows(offset, offset + size, row_ptr)
+                offset += size
+            first, begin = last, begin + count
+
+
+def _index_tensor(cells: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``cells`` as an int64 tensor (a tensor stays on its device)."""
+    if torch.is_tensor(cells):
+        return cells.to(torch.int64)
+    return torch.as_tensor(np.asarray(cells), dtype=torch.int64)
+
+
+def _checked_sizes(batch_sizes: Sequence[int], n_cells: int) -> list[int]:
+    """``batch_sizes`` as ints, after checking they are positive and cover the ``n_cells`` cells."""
+    sizes = [int(s) for s in batch_sizes]
+    if any(s < 1 for s in sizes) or sum(sizes) != n_cells:
+        raise ValueError(
+            f"batch_sizes must be positive and sum to the number of cells ({n_cells}), got {len(sizes)} sizes "
+            f"summing to {sum(sizes)}."
+        )
+    return sizes

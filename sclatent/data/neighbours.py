@@ -12,7 +12,7 @@ drawn uniformly from the cell's ``k`` neighbours. The trainer sees an object wit
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -93,8 +93,8 @@ class NeighbourData:
 
     ``iterate`` takes the arguments of :meth:`CellData.iterate`; each minibatch gets
     ``batch.neighbour``, the minibatch of ``table[cell, j]`` with ``j`` uniform in ``0..k-1``,
-    drawn from ``generator`` in shuffled (training) passes and from a generator seeded with
-    :data:`EVALUATION_SEED` otherwise.
+    drawn from ``generator`` in training passes (shuffled, or with explicit ``batch_sizes`` as a
+    distributed rank's) and from a generator seeded with :data:`EVALUATION_SEED` otherwise.
     """
 
     def __init__(self, data: CellData, table: np.ndarray) -> None:
@@ -110,6 +110,10 @@ class NeighbourData:
     def n_cells(self) -> int:
         return self.data.n_cells
 
+    def epoch_order(self, cells: np.ndarray | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The wrapped data's :meth:`CellData.epoch_order` (the neighbours draw nothing here)."""
+        return self.data.epoch_order(cells, generator)
+
     def iterate(
         self,
         cells: np.ndarray | torch.Tensor,
@@ -117,11 +121,16 @@ class NeighbourData:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        batch_sizes: Sequence[int] | None = None,
     ) -> Iterator[MiniBatch]:
-        if not shuffle or generator is None:
+        training = shuffle or batch_sizes is not None
+        if not training or generator is None:
             generator = torch.Generator().manual_seed(EVALUATION_SEED)
         k = self.table.shape[1]
-        for batch in self.data.iterate(cells, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
+        minibatches = self.data.iterate(
+            cells, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, batch_sizes=batch_sizes
+        )
+        for batch in minibatches:
             rows = batch.cell_index.cpu()
             pick = torch.randint(0, k, (rows.numel(),), generator=generator)
             batch.neighbour = self.data.gather(self.table[rows, pick])

@@ -15,9 +15,11 @@ import anndata as ad
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from .._persistence import read_model_folder, write_model_folder
+from ..checkpoint import has_checkpoint, text_digest
 from ..data import CellData, Registry, SetupError, get_registry, resolve_device, setup_anndata
+from ..data.ondisk import make_cell_data
 from ..train import TrainingPlan, fit, split_cells
 
 
@@ -103,12 +105,14 @@ class BaseModel:
         if adata is self.adata:
             # the training data were validated by setup_anndata; cache their tensors per device
             if self._data_cache is None or self._data_cache[0] != self.device or on_device is not None:
-                data = CellData(adata, self.registry, self.device, on_device, validate=not self._adata_validated)
+                # in memory, or streamed from disk when a backed matrix is too big (logged)
+                validate = not self._adata_validated
+                data = make_cell_data(adata, self.registry, self.device, on_device, validate=validate)
                 self._data_cache, self._adata_validated = (self.device, data), True
             return self._data_cache[1]
         if not isinstance(adata, ad.AnnData):
             raise SetupError(f"Expected an AnnData, got {type(adata).__name__}.")
-        return CellData(adata, self.registry, self.device, validate=True)
+        return make_cell_data(adata, self.registry, self.device, validate=True)
 
     @staticmethod
     def _indices(data: CellData, indices) -> np.ndarray:
@@ -154,6 +158,7 @@ class BaseModel:
         seed: int | None = None,
         progress_bar: bool = True,
         data_on_device: bool | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> BaseModel:
         """Fit the model on the registered AnnData.
 
@@ -162,11 +167,12 @@ class BaseModel:
         max_epochs
             Passes over the training cells; default ``min(400, 20000 / n_cells * 400)``.
         batch_size
-            Cells per minibatch.
+            Cells per minibatch (per process under torchrun: see below).
         lr, weight_decay
             Adam settings.
         accelerator
-            ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
+            ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``. Under torchrun each process
+            takes ``cuda:LOCAL_RANK`` (``"auto"`` with CUDA, or ``"cuda"``) or the CPU.
         train_size
             Fraction of (non-empty) cells used for training; the rest is held out, monitored each
             epoch, and available as ``validation_indices`` for held-out likelihoods.
@@ -183,14 +189,38 @@ class BaseModel:
             Show a tqdm bar.
         data_on_device
             Keep the count matrix on the device (default: when it fits).
+        checkpoint_dir
+            Folder of a crash-safe checkpoint, replaced after every epoch (:mod:`sclatent.checkpoint`).
+            If it holds a checkpoint of the same run (same model class, genes, hyperparameters,
+            training settings except ``max_epochs``, seed and split), training resumes after its
+            last epoch and ends with the parameters of an uninterrupted run (bit for bit in one
+            process; under torchrun only rank 0 writes and a resume is close, not identical);
+            ``model.history`` then holds the whole run. A checkpoint of another run, or an
+            unreadable one, raises :class:`sclatent.checkpoint.CheckpointError` (a ``ValueError``).
 
         Returns
         -------
         The model (trained in place), with the per-epoch history in ``model.history``.
+
+        Notes
+        -----
+        Started by ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1 in the environment), every
+        process runs the same ``train`` call and they train one model together (data parallel, see
+        :mod:`sclatent.distributed`): gloo on CPU, nccl with one GPU per process. Each optimiser
+        step is taken on a global minibatch of ``N * batch_size`` cells, each process computing the
+        gradient of its ``batch_size`` cells, so the *effective batch size is N x batch_size* and an
+        epoch has N times fewer steps; ``lr`` is used as given (not scaled with N): to reproduce a
+        one-process run with ``batch_size=B``, pass ``batch_size=B // N``. BatchNorm normalises
+        with each process's own cells (its running statistics are averaged over the processes
+        once per epoch). Every process ends with the same parameters and history; only rank 0
+        should write files.
         """
-        device = resolve_device(accelerator)
-        self.module.to(device)
+        # under torchrun: join the process group, one device per process (else one process, as given)
+        launch = distributed.context(accelerator)
+        self.module.to(launch.device)
         data = self._data(on_device=data_on_device)
+        # a backed matrix is loaded or streamed (logged at INFO); the progress bar says which
+        storage = getattr(data, "storage_note", None)
         seed = self.seed if seed is None else seed
         cells = data.nonempty_cells
         if len(cells) < 3:
@@ -216,6 +246,7 @@ class BaseModel:
             monitor=monitor,
             restore_best=restore_best,
         )
+        base_history = self.history if checkpoint_dir is None else self._history_before_run(checkpoint_dir)
         history = fit(
             self.module,
             data,
@@ -224,8 +255,12 @@ class BaseModel:
             plan,
             seed=seed,
             progress_bar=progress_bar,
-            description=f"Training {type(self).__name__}",
+            description=f"Training {type(self).__name__}" + (f" ({storage})" if storage else ""),
+            distributed=launch,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_identity=self._checkpoint_identity(),
         )
+        self.history = base_history
         for key, values in history.items():
             if key == "epoch" and self.history.get("epoch"):
                 offset = self.history["epoch"][-1]
@@ -233,6 +268,28 @@ class BaseModel:
             self.history.setdefault(key, []).extend(values)
         self.is_trained = True
         return self
+
+    def _checkpoint_identity(self) -> dict[str, str]:
+        """Fields beyond the module's shapes that a resumed checkpoint must share with this model."""
+        return {
+            "model_class": type(self).__name__,
+            "genes": f"{self.registry.n_genes} genes, digest {text_digest(self.var_names)}",
+            "hyperparameters": json.dumps(self.hyperparameters, sort_keys=True, default=str),
+        }
+
+    def _history_before_run(self, checkpoint_dir: str | os.PathLike) -> dict[str, list[float]]:
+        """The history that :func:`fit`'s history of a checkpointed run (the whole run) extends.
+
+        Usually ``self.history``. When this same object already trained part of the run in
+        ``checkpoint_dir`` (an earlier ``train`` call that stopped, e.g. with fewer ``max_epochs``),
+        the history as it was before that call: the resumed run reports those epochs again. (A
+        new process resuming a crashed run starts from an empty history and gets the whole run.)
+        """
+        runs = self.__dict__.setdefault("_checkpoint_runs", {})
+        key = os.path.abspath(checkpoint_dir)
+        if key not in runs or not has_checkpoint(checkpoint_dir):
+            runs[key] = {k: list(v) for k, v in self.history.items()}
+        return {k: list(v) for k, v in runs[key].items()}
 
     # ----------------------------------------------------------------- persistence
 
