@@ -235,6 +235,9 @@ def main() -> None:
         help="configurations to skip: ondisk_big ondisk_slice memory_slice scvi_slice ddp1 ddp2",
     )
     parser.add_argument("--output", default=str(HERE / "results_scaling.json"))
+    parser.add_argument(
+        "--update", action="store_true", help="keep the rows of an existing --output that this run skips (re-run a few)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -285,13 +288,18 @@ def main() -> None:
         ),
     }
     rows: dict[str, dict] = {}
+    if args.update and Path(args.output).exists():
+        previous = json.loads(Path(args.output).read_text())
+        rows = {key: row for key, row in previous["rows"].items() if key in args.skip}
     for key, (label, spec, nproc) in configurations.items():
         if key in args.skip or (spec.get("method") == "scvi" and not _version("scvi-tools")):
             continue
         spec = {"method": "sclatent", "threads": args.threads, **spec}
         print(f"=== {label}", flush=True)
         rows[key] = {"label": label, **run_worker(spec, nproc=nproc)}
+        rows[key]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         print(json.dumps(rows[key]), flush=True)
+    rows = {key: rows[key] for key in configurations if key in rows}
     for row in rows.values():
         row["matrix_mb"] = matrix_mb * row["n_cells"] / args.n_cells
     print_table(rows)

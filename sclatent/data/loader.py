@@ -151,6 +151,50 @@ def resolve_device(accelerator: str = "auto") -> torch.device:
     return device
 
 
+def obs_codes(
+    adata: ad.AnnData, registry: Registry, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-cell inputs a minibatch carries besides the counts, on ``device``.
+
+    Returns
+    -------
+    ``(batch_index, label_index, categorical_covariates, continuous_covariates)``: ``(n,)`` int64,
+    ``(n,)`` int64 (zeros when no key is registered or the labels column is absent, as in query
+    data), ``(n, K)`` int64 and ``(n, C)`` float32.
+    """
+    n_cells = adata.n_obs
+
+    def on_device(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device)
+
+    zeros = np.zeros(n_cells, dtype=np.int64)
+    batch_index = (
+        encode_categorical(adata, registry.batch_key, registry.batch_categories, "batch_key")
+        if registry.batch_key
+        else zeros
+    )
+    has_labels = registry.labels_key and registry.labels_key in adata.obs.columns
+    label_index = (
+        encode_categorical(adata, registry.labels_key, registry.label_categories, "labels_key") if has_labels else zeros
+    )
+    cats = [
+        encode_categorical(adata, k, registry.categorical_covariate_categories[k], "categorical_covariate_keys")
+        for k in registry.categorical_covariate_keys
+    ]
+    categorical = np.stack(cats, axis=1) if cats else np.zeros((n_cells, 0), dtype=np.int64)
+    continuous = encode_continuous(adata, registry.continuous_covariate_keys)
+    return on_device(batch_index), on_device(label_index), on_device(categorical), on_device(continuous)
+
+
+def slice_minibatches(block: MiniBatch, sizes: Sequence[int]) -> Iterator[MiniBatch]:
+    """Consecutive minibatches of ``sizes`` cells cut from one gathered ``block`` (mostly views)."""
+    row_ptr = block.nz_row_ptr.tolist()
+    offset = 0
+    for size in sizes:
+        yield block.select_rows(offset, offset + size, row_ptr)
+        offset += size
+
+
 class CellData:
     """The cells of a registered AnnData as tensors, ready to be cut into minibatches.
 
@@ -200,30 +244,13 @@ class CellData:
             self._indices = self._indices.pin_memory()
             self._log_factorial = self._log_factorial.pin_memory()
 
-        def obs_tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(self.device)
-
-        zeros = np.zeros(self.n_cells, dtype=np.int64)
-        self.library = obs_tensor(np.asarray(csr.sum(axis=1), dtype=np.float32).ravel())
-        self.batch_index = obs_tensor(
-            encode_categorical(adata, registry.batch_key, registry.batch_categories, "batch_key")
-            if registry.batch_key
-            else zeros
-        )
-        has_labels = registry.labels_key and registry.labels_key in adata.obs.columns
-        self.label_index = obs_tensor(
-            encode_categorical(adata, registry.labels_key, registry.label_categories, "labels_key")
-            if has_labels
-            else zeros
-        )
-        cats = [
-            encode_categorical(adata, k, registry.categorical_covariate_categories[k], "categorical_covariate_keys")
-            for k in registry.categorical_covariate_keys
-        ]
-        self.categorical_covariates = obs_tensor(
-            np.stack(cats, axis=1) if cats else np.zeros((self.n_cells, 0), dtype=np.int64)
-        )
-        self.continuous_covariates = obs_tensor(encode_continuous(adata, registry.continuous_covariate_keys))
+        self.library = torch.from_numpy(np.asarray(csr.sum(axis=1), dtype=np.float32).ravel()).to(self.device)
+        (
+            self.batch_index,
+            self.label_index,
+            self.categorical_covariates,
+            self.continuous_covariates,
+        ) = obs_codes(adata, registry, self.device)
 
     def _decide_on_device(self, on_device: bool | None) -> bool:
         if on_device is not None or self.device.type != "cuda":
@@ -333,7 +360,7 @@ class CellData:
         cells = _index_tensor(cells).to(self.device)
         n = cells.numel()
         if batch_sizes is not None:
-            yield from self._iterate_sizes(cells, _checked_sizes(batch_sizes, n))
+            yield from self._iterate_sizes(cells, checked_batch_sizes(batch_sizes, n))
             return
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         # gather many minibatches at once and slice them out: a dozen tensor ops per chunk
@@ -354,12 +381,7 @@ class CellData:
             while last < len(sizes) and count + sizes[last] <= budget:
                 count += sizes[last]
                 last += 1
-            block = self.gather(cells[begin : begin + count])
-            row_ptr = block.nz_row_ptr.tolist()
-            offset = 0
-            for size in sizes[first:last]:
-                yield block.select_rows(offset, offset + size, row_ptr)
-                offset += size
+            yield from slice_minibatches(self.gather(cells[begin : begin + count]), sizes[first:last])
             first, begin = last, begin + count
 
 
@@ -370,7 +392,7 @@ def _index_tensor(cells: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(cells), dtype=torch.int64)
 
 
-def _checked_sizes(batch_sizes: Sequence[int], n_cells: int) -> list[int]:
+def checked_batch_sizes(batch_sizes: Sequence[int], n_cells: int) -> list[int]:
     """``batch_sizes`` as ints, after checking they are positive and cover the ``n_cells`` cells."""
     sizes = [int(s) for s in batch_sizes]
     if any(s < 1 for s in sizes) or sum(sizes) != n_cells:

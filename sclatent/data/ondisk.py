@@ -52,13 +52,11 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .loader import CellData, MiniBatch
+from .loader import CellData, MiniBatch, checked_batch_sizes, obs_codes, slice_minibatches
 from .registry import (
     Registry,
     SetupError,
     check_counts,
-    encode_categorical,
-    encode_continuous,
     gene_order_for_query,
     get_count_matrix,
 )
@@ -468,30 +466,13 @@ class OnDiskCellData:
                 pass
         self.nnz = nnz
 
-        def obs_tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(self.device)
-
-        zeros = np.zeros(self.n_cells, dtype=np.int64)
-        self.library = obs_tensor(library)
-        self.batch_index = obs_tensor(
-            encode_categorical(adata, registry.batch_key, registry.batch_categories, "batch_key")
-            if registry.batch_key
-            else zeros
-        )
-        has_labels = registry.labels_key and registry.labels_key in adata.obs.columns
-        self.label_index = obs_tensor(
-            encode_categorical(adata, registry.labels_key, registry.label_categories, "labels_key")
-            if has_labels
-            else zeros
-        )
-        cats = [
-            encode_categorical(adata, k, registry.categorical_covariate_categories[k], "categorical_covariate_keys")
-            for k in registry.categorical_covariate_keys
-        ]
-        self.categorical_covariates = obs_tensor(
-            np.stack(cats, axis=1) if cats else np.zeros((self.n_cells, 0), dtype=np.int64)
-        )
-        self.continuous_covariates = obs_tensor(encode_continuous(adata, registry.continuous_covariate_keys))
+        self.library = torch.from_numpy(library).to(self.device)
+        (
+            self.batch_index,
+            self.label_index,
+            self.categorical_covariates,
+            self.continuous_covariates,
+        ) = obs_codes(adata, registry, self.device)
         # what the last window read (rows, runs): lets tests and benchmarks check the memory bound
         self.last_read: tuple[int, int] = (0, 0)
 
@@ -617,11 +598,7 @@ class OnDiskCellData:
             buffer, local = self._read_window(window)
             block = buffer.gather(torch.from_numpy(local))
             block.cell_index = torch.from_numpy(window).to(self.device)
-            row_ptr = block.nz_row_ptr.tolist()
-            offset = 0
-            for size in sizes[first:last]:
-                yield block.select_rows(offset, offset + size, row_ptr)
-                offset += size
+            yield from slice_minibatches(block, sizes[first:last])
             first, begin = last, begin + count
 
 
@@ -634,13 +611,7 @@ def _as_numpy(cells: np.ndarray | torch.Tensor) -> np.ndarray:
 def _minibatch_sizes(n: int, batch_size: int, drop_last: bool, batch_sizes: Sequence[int] | None) -> list[int]:
     """Sizes of the minibatches of an ``n``-cell pass, as :meth:`CellData.iterate` cuts them."""
     if batch_sizes is not None:
-        sizes = [int(s) for s in batch_sizes]
-        if any(s < 1 for s in sizes) or sum(sizes) != n:
-            raise ValueError(
-                f"batch_sizes must be positive and sum to the number of cells ({n}), got {len(sizes)} sizes "
-                f"summing to {sum(sizes)}."
-            )
-        return sizes
+        return checked_batch_sizes(batch_sizes, n)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     stop = n - n % batch_size if drop_last and n >= batch_size else n
