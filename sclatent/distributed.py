@@ -11,9 +11,23 @@ one-process context and touches nothing. :func:`sclatent.train.fit` takes the co
   ``world_size * batch_size`` cells, each split into ``world_size`` near-equal parts, part ``r``
   for rank ``r`` (:func:`global_step_sizes`, :func:`rank_minibatches`): every cell is seen once per
   epoch across the ranks, and every rank takes the same number of optimiser steps;
-* weights each rank's gradient by its share of the global minibatch and sums the gradients over
-  the ranks (one all-reduce of the optimiser's flat gradient per step), so that every rank steps
-  with the gradient of the *global* minibatch's mean loss and the parameters stay identical;
+* makes every rank step with the gradient of the *global* minibatch's mean loss, so that the
+  parameters stay identical: each rank's part is weighted by its share of the global minibatch
+  (its cells / all ranks' cells) and the weighted gradients are summed over the ranks.
+
+  - One-objective modules (VAEs, autoencoders, the masked and contrastive models) are wrapped in
+    :class:`torch.nn.parallel.DistributedDataParallel` (:meth:`DistributedContext.data_parallel`,
+    around a :class:`LossModule`): DDP all-reduces the gradient in buckets while the backward pass
+    is still running. DDP averages over the ranks, so each rank's loss is scaled by
+    ``share * world_size`` before ``backward()``. DDP copies the reduced gradient into the existing
+    ``.grad`` tensors (``gradient_as_bucket_view=False``), which are views into the
+    :class:`~sclatent.optim.FlatAdam`'s flat gradient; ``find_unused_parameters=True`` because
+    some configurations own parameters their loss does not use (the Poisson VAE's ``log_theta``),
+    which would otherwise stall DDP's reduction.
+  - Adversarial modules (``parameter_groups()``, e.g. the GAN) keep one all-reduce of each group's
+    flat gradient per group step (:meth:`DistributedContext.sum_gradients_`): their groups are
+    frozen in turn (``requires_grad_(False)``) and step on different objectives, which DDP, with
+    its one fixed set of parameters reduced per backward, does not fit.
 * sums the per-epoch metric totals (training and validation, the validation cells sharded too)
   over the ranks before taking means, so the history, early stopping and the divergence check
   are the same on every rank, and averages BatchNorm's running statistics once per epoch.
@@ -23,6 +37,7 @@ The process group stays up after training (the caller may use it); :func:`teardo
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -116,6 +131,34 @@ class DistributedContext:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
 
+    def data_parallel(self, module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+        """``module``'s loss as a :class:`~torch.nn.parallel.DistributedDataParallel` (one-objective modules).
+
+        Call it after the :class:`~sclatent.optim.FlatAdam` over ``module``'s parameters exists:
+        DDP then copies each step's reduced (rank-averaged) gradient into the optimiser's gradient
+        views. Calling the result with ``(batch, kl_weight)`` returns ``module.loss(batch,
+        kl_weight=kl_weight)``; the backward pass of its ``loss`` reduces the gradients.
+
+        Buffers are not broadcast on each forward (BatchNorm's running statistics are averaged once
+        per epoch by :meth:`average_running_statistics_`); unused parameters are searched for on
+        each forward (see the module docstring), and a parameter no rank used keeps its gradient
+        (zero after ``zero_grad``).
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        # newer torch renames broadcast_buffers (deprecated) to forward_sync_buffers; both off here
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            no_buffer_sync = {"forward_sync_buffers": False}
+        else:
+            no_buffer_sync = {"broadcast_buffers": False}
+        return DistributedDataParallel(
+            LossModule(module),
+            device_ids=[self.device] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=False,
+            find_unused_parameters=True,
+            **no_buffer_sync,
+        )
+
     def sum_gradients_(self, optimizer, weight: float) -> None:
         """Replace each rank's gradient ``g_r`` of ``optimizer``'s parameters by ``sum_r weight_r * g_r``.
 
@@ -166,6 +209,21 @@ class DistributedContext:
         if not self.enabled:
             return cells
         return np.array_split(np.asarray(cells), self.world_size)[self.rank]
+
+
+class LossModule(torch.nn.Module):
+    """A module whose ``forward`` is another module's ``loss``: what DDP wraps.
+
+    DDP reduces gradients of what goes through its ``forward``; the modules of this package train
+    on ``loss(batch, kl_weight=...)`` instead, so this adapter routes that call through ``forward``.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch, kl_weight: float):
+        return self.module.loss(batch, kl_weight=kl_weight)
 
 
 def _sum_dicts(dicts: Sequence[dict]) -> dict:

@@ -174,8 +174,12 @@ def fit(
     With a multi-process ``distributed`` context (:func:`sclatent.distributed.context` under
     torchrun), every rank calls ``fit`` with the same arguments and trains on its part of each
     global minibatch of ``world_size * plan.batch_size`` cells (see :mod:`sclatent.distributed`):
-    ``data`` needs ``epoch_order(cells, generator)`` and ``iterate(..., batch_sizes=...)``. Every
-    rank ends with the same parameters and history; the progress bar shows on rank 0 only.
+    ``data`` needs ``epoch_order(cells, generator)`` and ``iterate(..., batch_sizes=...)``. Each
+    step uses the gradient of the global minibatch's mean loss: a one-objective module trains
+    under :class:`torch.nn.parallel.DistributedDataParallel` (its loss scaled by the rank's share
+    times ``world_size``, as DDP averages), an adversarial module with one all-reduce of each
+    group's flat gradient per group step (DDP cannot follow parameter groups frozen in turn).
+    Every rank ends with the same parameters and history; the progress bar shows on rank 0 only.
     """
     parallel = distributed is not None and distributed.enabled
     # dropout and sampling noise differ per rank; the minibatch order (generator) is shared
@@ -425,6 +429,9 @@ def _fit(
         steps_per_epoch = len(step_sizes)
         # per-rank draws inside iterate (neighbour picks) must not advance the shared generator
         noise_generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        # one-objective modules: DDP, made after the FlatAdam so it fills the optimiser's gradient views;
+        # adversarial ones all-reduce each group's flat gradient, as DDP cannot follow groups frozen in turn
+        data_parallel = None if adversarial else distributed.data_parallel(module)
     else:
         # a final minibatch of one cell would break BatchNorm; fold such a remainder away
         drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2
@@ -466,9 +473,10 @@ def _fit(
                 # weighting by the rank's share of the global minibatch makes the summed gradient
                 # that of the global minibatch's mean loss, whatever the parts' sizes
                 share = batch.size / int(step_sizes[step].sum())
+                if adversarial:  # (one-objective modules reduce in DDP's backward, below)
 
-                def reduce(opt: FlatAdam, share: float = share) -> None:
-                    distributed.sum_gradients_(opt, share)
+                    def reduce(opt: FlatAdam, share: float = share) -> None:
+                        distributed.sum_gradients_(opt, share)
 
             if adversarial:
                 # (reduce passed only when there is one: the one-process call is the one it always was)
@@ -478,11 +486,16 @@ def _fit(
                     _accumulate_group(group_totals, name, out, batch.size)
                 global_step += 1
                 continue
-            out = module.loss(batch, kl_weight=kl_weight)
-            optimizer.zero_grad()
-            out.loss.backward()
-            if reduce is not None:
-                reduce(optimizer)
+            if distributed is not None:
+                out = data_parallel(batch, kl_weight)
+                optimizer.zero_grad()
+                # DDP averages the ranks' gradients: scaled by share * world_size, the average is
+                # the share-weighted sum, the gradient of the global minibatch's mean loss
+                (out.loss * (share * distributed.world_size)).backward()
+            else:
+                out = module.loss(batch, kl_weight=kl_weight)
+                optimizer.zero_grad()
+                out.loss.backward()
             optimizer.step()
             loss_sum += float(out.loss.detach()) * batch.size
             _accumulate(totals, out)

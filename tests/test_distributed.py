@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from sclatent import distributed
 from sclatent.data import CellData, get_registry
@@ -86,7 +87,11 @@ class _Toy(torch.nn.Module):
 
 
 def _toy_gradients(context: distributed.DistributedContext | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The flat gradient of every optimiser step of one toy epoch, and the final flat parameters."""
+    """The flat gradient of every optimiser step of one toy epoch, and the final flat parameters.
+
+    Raises AssertionError if a parameter's ``.grad`` is not (any more) a view into the optimiser's
+    flat gradient when it steps: the reduced gradient must land where FlatAdam reads it.
+    """
     adata = _adata()
     data = CellData(adata, get_registry(adata))
     torch.manual_seed(0)
@@ -95,6 +100,8 @@ def _toy_gradients(context: distributed.DistributedContext | None) -> tuple[list
     step = FlatAdam.step
 
     def recording_step(self: FlatAdam) -> None:
+        flat = self.grad.untyped_storage().data_ptr()
+        assert all(p.grad.untyped_storage().data_ptr() == flat for p in self.parameters)
         seen.append(self.grad.clone())
         step(self)
 
@@ -124,7 +131,24 @@ def _worker(out_dir: Path) -> None:
     assert context.world_size == WORLD_SIZE, context
     record: dict = {"rank": context.rank}
 
-    record["toy_gradients"], record["toy_parameters"] = _toy_gradients(context)
+    # which path reduced the gradients: calls of DDP's forward and of the flat all-reduce, per run
+    calls = {"ddp": 0, "all_reduce": 0}
+    ddp_forward, sum_gradients = DistributedDataParallel.forward, distributed.DistributedContext.sum_gradients_
+
+    def counting_forward(self, *args, **kwargs):
+        calls["ddp"] += 1
+        return ddp_forward(self, *args, **kwargs)
+
+    def counting_sum(self, *args, **kwargs):
+        calls["all_reduce"] += 1
+        return sum_gradients(self, *args, **kwargs)
+
+    DistributedDataParallel.forward, distributed.DistributedContext.sum_gradients_ = counting_forward, counting_sum
+    try:
+        record["toy_gradients"], record["toy_parameters"] = _toy_gradients(context)
+    finally:
+        DistributedDataParallel.forward, distributed.DistributedContext.sum_gradients_ = ddp_forward, sum_gradients
+    record["toy_calls"] = dict(calls)
 
     # which cells each rank trains on: record every training pass (the one with explicit batch_sizes)
     epochs: list[list[int]] = []
@@ -149,7 +173,18 @@ def _worker(out_dir: Path) -> None:
     gan_adata = synthetic(n_cells=120, n_genes=30, n_batches=1, seed=1)
     CellGAN.setup_anndata(gan_adata, labels_key="cell_type")
     gan = CellGAN(gan_adata, n_noise=8, generator_hidden=(16,), critic_hidden=(16,), n_critic=2)
-    gan.train(max_epochs=3, batch_size=16, accelerator="cpu", progress_bar=False)
+    calls.update(ddp=0, all_reduce=0)
+    DistributedDataParallel.forward, distributed.DistributedContext.sum_gradients_ = counting_forward, counting_sum
+    try:
+        gan.train(max_epochs=3, batch_size=16, accelerator="cpu", progress_bar=False)
+    finally:
+        DistributedDataParallel.forward, distributed.DistributedContext.sum_gradients_ = ddp_forward, sum_gradients
+    record["gan_calls"] = dict(calls)
+
+    # a module with a parameter its loss never uses (the Poisson VAE's log_theta): DDP must not stall
+    poisson = VAE(_adata(), seed=0, gene_likelihood="poisson", **VAE_SETTINGS)
+    poisson.train(max_epochs=2, batch_size=BATCH_SIZE, accelerator="cpu", progress_bar=False)
+    record["poisson_history"] = json.dumps(poisson.history)
     record["gan_history"] = json.dumps(gan.history)
     record["gan_state"] = {k: v.clone() for k, v in gan.module.state_dict().items()}
     torch.save(record, out_dir / f"rank{context.rank}.pt")
@@ -250,6 +285,19 @@ def test_gradients_equal_the_global_minibatch_gradient(two_rank_run):
         for got, want in zip(record["toy_gradients"], reference, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(record["toy_parameters"], parameters, rtol=1e-5, atol=1e-6)
+
+
+def test_one_objective_path_uses_ddp_and_adversarial_the_flat_all_reduce(two_rank_run):
+    """The toy (one objective) steps through DDP's forward once per step and never calls the flat
+    all-reduce; the GAN (frozen parameter groups) does the opposite. The toy's DDP-reduced gradients,
+    read from FlatAdam's flat gradient, are the global minibatch's (test above)."""
+    for record in two_rank_run:
+        assert record["toy_calls"] == {"ddp": len(record["toy_gradients"]), "all_reduce": 0}
+        assert record["gan_calls"]["ddp"] == 0 and record["gan_calls"]["all_reduce"] > 0
+    # unused parameters (Poisson VAE's dispersion) are handled: both epochs ran, ranks agree
+    first, second = [json.loads(record["poisson_history"]) for record in two_rank_run]
+    del first["seconds"], second["seconds"]
+    assert first == second and first["epoch"] == [1, 2] and np.isfinite(first["train_elbo"]).all()
 
 
 def test_each_cell_seen_once_per_epoch_across_ranks(two_rank_run):

@@ -210,10 +210,13 @@ class BaseModel:
         step is taken on a global minibatch of ``N * batch_size`` cells, each process computing the
         gradient of its ``batch_size`` cells, so the *effective batch size is N x batch_size* and an
         epoch has N times fewer steps; ``lr`` is used as given (not scaled with N): to reproduce a
-        one-process run with ``batch_size=B``, pass ``batch_size=B // N``. BatchNorm normalises
-        with each process's own cells (its running statistics are averaged over the processes
-        once per epoch). Every process ends with the same parameters and history; only rank 0
-        should write files.
+        one-process run with ``batch_size=B``, pass ``batch_size=B // N``. The gradients are
+        combined by :class:`torch.nn.parallel.DistributedDataParallel` for one-objective models
+        (reduced in buckets during the backward pass) and by one all-reduce per group step for
+        adversarial ones (their parameter groups are frozen in turn, which DDP does not fit).
+        BatchNorm normalises with each process's own cells (its running statistics are averaged
+        over the processes once per epoch). Every process ends with the same parameters and
+        history; only rank 0 should write files.
         """
         # under torchrun: join the process group, one device per process (else one process, as given)
         launch = distributed.context(accelerator)
