@@ -17,7 +17,7 @@
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/bench_scaling.py                 # ~15 minutes on 2 cores
+    PYTHONPATH=. python benchmarks/bench_scaling.py   # ~10 min on 2 cores (+ ~15-20 min to write the 1M file once)
     PYTHONPATH=. python benchmarks/bench_scaling.py --quick         # 100k / 20k cells: a smoke run
 
 Peak RSS is ``VmHWM`` of the worker process (imports of torch/scanpy included: ~0.5 GB).
