@@ -250,3 +250,32 @@ def test_dense_on_disk_and_query_gene_order(files, tmp_path, small_buffers):
         _library_prior(backed, reference.registry), _library_prior(memory, reference.registry), strict=True
     ):
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_other_cell_models_train_on_a_backed_anndata(files, caplog):
+    """The masked and contrastive models (which build their own data) also accept a backed AnnData;
+    the contrastive model's kNN table reads the matrix once, and says so."""
+    adata, folder = files
+    backed = ad.read_h5ad(folder / "cells.h5ad", backed="r")
+    contrastive = sclatent.model.ContrastiveModel
+    contrastive.setup_anndata(backed)
+    with caplog.at_level(logging.WARNING, logger="sclatent"):
+        model = contrastive(backed, n_latent=3, n_hidden=16, seed=0)
+        model.train(max_epochs=1, progress_bar=False)
+    assert "kNN table" in caplog.text
+    latent = model.get_latent_representation()
+    assert latent.shape == (adata.n_obs, 3) and np.isfinite(latent).all()
+    in_memory = adata.copy()
+    contrastive.setup_anndata(in_memory)
+    reference = contrastive(in_memory, n_latent=3, n_hidden=16, seed=0)
+    reference.train(max_epochs=1, progress_bar=False)
+    # same cells, same seed, same neighbours: the backed run is the in-memory run
+    np.testing.assert_allclose(latent, reference.get_latent_representation(), atol=1e-5)
+    backed.file.close()
+    masked = sclatent.model.MaskedGeneModel
+    backed = ad.read_h5ad(folder / "cells.h5ad", backed="r")
+    masked.setup_anndata(backed)
+    pretrained = masked(backed, n_latent=3, n_hidden=16, seed=0).train(max_epochs=1, progress_bar=False)
+    embedding = pretrained.get_latent_representation()
+    assert embedding.shape == (adata.n_obs, 3) and np.isfinite(embedding).all()
+    backed.file.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anndata as ad
@@ -10,6 +11,7 @@ import torch
 
 from ..data import CellData
 from ..data.neighbours import NeighbourData, knn_table
+from ..data.ondisk import is_on_disk, load_into_memory
 from ..data.registry import gene_order_for_query, get_count_matrix
 from ..modules.contrastive import ContrastiveModule
 from ._base import BaseModel
@@ -114,6 +116,14 @@ class ContrastiveModel(BaseModel):
         if self.module.augment.mix_max_weight == 0:
             return data
         matrix, _ = get_count_matrix(self.adata, self.registry.layer)
+        if is_on_disk(matrix):
+            # the kNN table comes from a PCA of every cell: read the matrix once for it
+            # (set mix_max_weight=0 to train on data too large for that without neighbour mixing)
+            logging.getLogger("sclatent").warning(
+                "ContrastiveModel: neighbour mixing reads the on-disk count matrix into memory once to build "
+                "its kNN table (mix_max_weight=0 avoids this)."
+            )
+            matrix = load_into_memory(matrix)
         order = gene_order_for_query(self.adata, self.registry)
         if order is not None:
             matrix = matrix[:, order]
