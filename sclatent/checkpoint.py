@@ -69,8 +69,8 @@ def save_checkpoint(directory: str | os.PathLike, state: Mapping[str, Any]) -> P
     one, never a mix; a crash mid-write leaves at most a stray ``.checkpoint.pt.*.tmp`` file, which
     :func:`load_checkpoint` ignores and removes.
 
-    In a ``torch.distributed`` job only rank 0 writes (the others return None at once), so the
-    random number generator states stored are rank 0's: the other ranks' are not kept.
+    In a ``torch.distributed`` job only rank 0 writes (the others return None at once); the
+    trainer gathers every rank's generator states into ``state["rng"]["ranks"]`` beforehand.
 
     Parameters
     ----------
@@ -297,16 +297,34 @@ def rng_state(device: torch.device | None, generator: torch.Generator) -> dict[s
     return {"torch": torch.get_rng_state(), "generator": generator.get_state(), "cuda": cuda}
 
 
-def restore_rng_state(state: Mapping[str, Any], device: torch.device | None, generator: torch.Generator) -> None:
+def restore_rng_state(
+    state: Mapping[str, Any],
+    device: torch.device | None,
+    generator: torch.Generator,
+    distributed=None,
+    noise_generator: torch.Generator | None = None,
+) -> None:
     """Put back the generator states of :func:`rng_state`.
 
-    In a ``torch.distributed`` job the minibatch ``generator`` (shared by all ranks) is restored
-    everywhere, torch's global generators on rank 0 only: the checkpoint holds rank 0's, and giving
-    them to every rank would make all ranks draw the same dropout and sampling noise. The other
-    ranks keep the noise seeded at the start of the call, so a resumed distributed run is a valid
-    continuation but not bit-identical to an uninterrupted one.
+    The minibatch ``generator`` (shared by all ranks of a ``torch.distributed`` job) is restored
+    everywhere. torch's global generators (dropout, sampling noise) differ per rank: a checkpoint
+    written by a distributed run holds every rank's (``state["ranks"]``), and when this run has as
+    many ranks, each rank gets its own back, and ``noise_generator`` (per-rank draws inside the
+    data, e.g. neighbour picks) too, so the resumed run is bit-identical to an uninterrupted one.
+    Resumed with another number of ranks, only rank 0 takes the stored (rank 0) state: giving it to
+    every rank would make all ranks draw the same noise; the others keep the noise seeded at the
+    start of the call, a valid continuation but not an identical one.
     """
     generator.set_state(state["generator"])
+    ranks = state.get("ranks")
+    if distributed is not None and ranks is not None and len(ranks) == distributed.world_size:
+        own = ranks[distributed.rank]
+        torch.set_rng_state(own["torch"])
+        if own.get("cuda") is not None and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"], device)
+        if noise_generator is not None and own.get("noise") is not None:
+            noise_generator.set_state(own["noise"])
+        return
     if not is_checkpoint_writer():
         return
     torch.set_rng_state(state["torch"])

@@ -197,6 +197,14 @@ class DistributedContext:
         dist.all_gather_object(gathered, totals)
         return _sum_dicts(gathered)
 
+    def gather_objects(self, obj) -> list:
+        """``[rank 0's obj, rank 1's obj, ...]`` on every rank (pickled; for small per-epoch state)."""
+        if not self.enabled:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def barrier(self) -> None:
         """Wait for every rank (no-op in one process)."""
         if self.enabled:

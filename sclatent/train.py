@@ -168,8 +168,9 @@ def fit(
     a run can be extended), seed, training and validation cells, and ``checkpoint_identity`` (the
     caller's further fields, e.g. model class, genes, hyperparameters); a checkpoint of another
     run, or an unreadable one, raises :class:`sclatent.checkpoint.CheckpointError`. In a distributed
-    run only rank 0 writes, and a resume is a valid continuation but not bit-identical (the other
-    ranks' random generators are not stored).
+    run every rank's generator states are gathered and rank 0 writes; resumed with as many ranks,
+    each rank gets its own back and the run is bit-identical too (with another number of ranks it
+    is a valid continuation, not an identical one).
 
     With a multi-process ``distributed`` context (:func:`sclatent.distributed.context` under
     torchrun), every rank calls ``fit`` with the same arguments and trains on its part of each
@@ -251,8 +252,13 @@ class _Checkpoint:
         optimizer: FlatAdam | dict[str, FlatAdam],
         generator: torch.Generator,
         plan: TrainingPlan,
+        distributed: DistributedContext | None = None,
+        noise_generator: torch.Generator | None = None,
     ) -> tuple | None:
         """Load the checkpoint into ``module``, ``optimizer`` and the generators; None if there is none.
+
+        In a distributed run each rank gets back its own generator states (and ``noise_generator``'s)
+        when the checkpoint was written by as many ranks; otherwise see :func:`restore_rng_state`.
 
         Returns
         -------
@@ -275,7 +281,7 @@ class _Checkpoint:
                 raise ValueError(f"optimisers {sorted(state['optimizers'])}, expected {sorted(optimizers)}")
             for name, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
-            restore_rng_state(state["rng"], _device_of(module), generator)
+            restore_rng_state(state["rng"], _device_of(module), generator, distributed, noise_generator)
             stopping = state["early_stopping"]
             best_state = stopping["best_state"]
             if best_state is not None:
@@ -305,10 +311,29 @@ class _Checkpoint:
         global_step: int,
         history: dict[str, list[float]],
         early_stopping: dict,
+        distributed: DistributedContext | None = None,
+        noise_generator: torch.Generator | None = None,
     ) -> None:
-        """Write everything the epoch after ``epoch`` (completed epochs) depends on (rank 0 only)."""
-        if not is_checkpoint_writer():
-            return  # spare the other ranks of a distributed run the copies
+        """Write everything the epoch after ``epoch`` (completed epochs) depends on.
+
+        In a distributed run every rank must call this: the ranks' own generator states are
+        gathered, rank 0 writes, and all wait until the file is in place (so a following ``fit`` on
+        any rank reads this epoch's checkpoint).
+        """
+        rng = rng_state(_device_of(module), generator)
+        if distributed is not None:
+            own = {
+                "torch": rng["torch"],
+                "cuda": rng["cuda"],
+                "noise": None if noise_generator is None else noise_generator.get_state(),
+            }
+            rng["ranks"] = distributed.gather_objects(own)
+        if is_checkpoint_writer():
+            self._write(module, optimizer, epoch, stopped, global_step, history, early_stopping, rng)
+        if distributed is not None:
+            distributed.barrier()
+
+    def _write(self, module, optimizer, epoch, stopped, global_step, history, early_stopping, rng) -> None:
         best_state = early_stopping["best_state"]
         save_checkpoint(
             self.directory,
@@ -326,7 +351,7 @@ class _Checkpoint:
                 },
                 "module": {k: v.detach().cpu() for k, v in module.state_dict().items()},
                 "optimizers": {name: opt.state_dict() for name, opt in self._optimizers(optimizer).items()},
-                "rng": rng_state(_device_of(module), generator),
+                "rng": rng,
             },
         )
 
@@ -433,6 +458,7 @@ def _fit(
         # adversarial ones all-reduce each group's flat gradient, as DDP cannot follow groups frozen in turn
         data_parallel = None if adversarial else distributed.data_parallel(module)
     else:
+        noise_generator = None
         # a final minibatch of one cell would break BatchNorm; fold such a remainder away
         drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2
         steps_per_epoch = n_train // plan.batch_size if drop_last else math.ceil(n_train / plan.batch_size)
@@ -440,9 +466,14 @@ def _fit(
     best, epochs_without_improvement = math.inf, 0
     best_state: dict[str, torch.Tensor] | None = None
     first_epoch, stopped = 0, False
-    if checkpoint is not None and (saved := checkpoint.resume(module, optimizer, generator, plan)) is not None:
+    resumed = (
+        None
+        if checkpoint is None
+        else checkpoint.resume(module, optimizer, generator, plan, distributed, noise_generator)
+    )
+    if resumed is not None:
         # continue after the last saved epoch (parameters, optimisers and random generators are restored)
-        first_epoch, stopped, global_step, history, best, epochs_without_improvement, best_state = saved
+        first_epoch, stopped, global_step, history, best, epochs_without_improvement, best_state = resumed
     epochs = tqdm(
         range(first_epoch, first_epoch if stopped else plan.max_epochs),
         desc=description,
@@ -551,7 +582,18 @@ def _fit(
                 "epochs_without_improvement": epochs_without_improvement,
                 "best_state": best_state,
             }
-            checkpoint.save(module, optimizer, generator, epoch + 1, stop, global_step, history, stopping)
+            checkpoint.save(
+                module,
+                optimizer,
+                generator,
+                epoch + 1,
+                stop,
+                global_step,
+                history,
+                stopping,
+                distributed,
+                noise_generator,
+            )
         if stop:
             break
     if best_state is not None:

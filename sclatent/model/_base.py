@@ -194,7 +194,7 @@ class BaseModel:
             If it holds a checkpoint of the same run (same model class, genes, hyperparameters,
             training settings except ``max_epochs``, seed and split), training resumes after its
             last epoch and ends with the parameters of an uninterrupted run (bit for bit in one
-            process; under torchrun only rank 0 writes and a resume is close, not identical);
+            process, and under torchrun with the same number of processes; only rank 0 writes);
             ``model.history`` then holds the whole run. A checkpoint of another run, or an
             unreadable one, raises :class:`sclatent.checkpoint.CheckpointError` (a ``ValueError``).
 
