@@ -1,17 +1,28 @@
-"""Where one training step of sclatent's VAE spends its time (torch profiler, CPU).
+"""Where one training step of sclatent's VAE spends its time, and what each fast path saves (CPU).
 
 Run from the repository root on an idle machine::
 
-    PYTHONPATH=. python benchmarks/profile_step.py [--threads 2] [--steps 40]
+    PYTHONPATH=. python benchmarks/profile_step.py [--threads 2] [--rounds 15]
 
 Trains on mouse_brain_10k_chr1 (from $SCLATENT_DATA_DIR) with scVI's architecture, batch 128, and
-prints milliseconds per step: the whole step, the profiler's self time of the matmuls and of the
-optimiser, and the fused likelihood's forward + backward timed on its own.
+prints milliseconds per step (loss, gradients, Adam) for three ways of taking it:
+
+* ``autograd``: ``module.loss(batch).loss.backward()`` through torch's autograd (``SCLATENT_FUSED=0``);
+* ``fused node``: the same call, where the whole objective is one autograd node
+  (:mod:`sclatent.modules.fused_elbo`);
+* ``direct``: ``module.loss_and_gradients(batch)``, the trainer's path: the fused pass writing the
+  gradients itself, no autograd at all.
+
+The three run interleaved in blocks of 6 steps over ``--rounds`` rounds (the speed of a shared
+virtual machine drifts by tens of percent over minutes; interleaving keeps the comparison fair),
+and the medians are printed. Then the torch profiler's self times of the direct path, grouped.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 import warnings
 
@@ -24,75 +35,71 @@ from sclatent.data import CellData, setup_anndata
 from sclatent.modules import VAEModule
 from sclatent.optim import FlatAdam
 
+PATHS = ("autograd", "fused node", "direct")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     adata = sclatent.datasets.mouse_brain_10k_chr1()
     data = CellData(adata, setup_anndata(adata))
-    torch.manual_seed(0)
-    module = VAEModule(adata.n_vars, encode_covariates=False).train()
-    optimizer = FlatAdam(list(module.parameters()), lr=1e-3, eps=0.01, weight_decay=1e-6)  # the trainer's
     batches = list(data.iterate(data.nonempty_cells, 128, shuffle=True, drop_last=True))
 
-    def step(batch) -> None:
-        out = module.loss(batch)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    def make():
+        torch.manual_seed(0)
+        module = VAEModule(adata.n_vars, encode_covariates=False).train()
+        # the trainer's optimiser and settings
+        return module, FlatAdam(list(module.parameters()), lr=1e-3, eps=0.01, weight_decay=1e-6)
 
-    for batch in batches[:20]:
-        step(batch)
-    start = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    per_step = (time.perf_counter() - start) / len(batches) * 1e3
+    models = {path: make() for path in PATHS}
+
+    def steps(path: str, minibatches) -> float:
+        """Milliseconds per step of ``path`` over ``minibatches``."""
+        os.environ["SCLATENT_FUSED"] = "0" if path == "autograd" else "1"
+        module, optimizer = models[path]
+        start = time.perf_counter()
+        for batch in minibatches:
+            out = module.loss_and_gradients(batch) if path == "direct" else None
+            if out is None:
+                out = module.loss(batch)
+                optimizer.zero_grad()
+                out.loss.backward()
+            optimizer.step()
+            float(out.loss)
+        return (time.perf_counter() - start) / len(minibatches) * 1e3
+
+    for path in PATHS:
+        steps(path, batches[:20])
+    timings = {path: [] for path in PATHS}
+    for round_ in range(args.rounds):
+        block = [batches[(6 * round_ + i) % len(batches)] for i in range(6)]
+        for path in PATHS if round_ % 2 else PATHS[::-1]:
+            timings[path].append(steps(path, block))
+    medians = {path: statistics.median(values) for path, values in timings.items()}
+
+    n_profiled = 40
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for batch in batches[: args.steps]:
-            step(batch)
-    groups = {"matmuls": 0.0, "optimiser": 0.0, "other": 0.0}
+        steps("direct", batches[:n_profiled])
+    groups = {"matmuls (mm, addmm, mv)": 0.0, "Adam": 0.0, "other torch ops": 0.0}
     for event in prof.key_averages():
-        ms = event.self_cpu_time_total / 1e3 / args.steps
-        if event.key in ("aten::mm", "aten::addmm"):
-            groups["matmuls"] += ms
-        elif "Adam" in event.key or "fused_adam" in event.key:
-            groups["optimiser"] += ms
-        else:
-            groups["other"] += ms
-    # the likelihood's own kernels are counted under their aten names; time it in isolation too
-    batch = batches[0]
-    heads = module._decode(module.inference(batch)["z"].detach(), batch)
-    logits = heads["logits"].detach().requires_grad_()
-    zi = heads["zi_logits"].detach().requires_grad_()
-    log_theta = module.log_theta.detach().requires_grad_()
-    log_library = torch.log(batch.library).unsqueeze(-1)
-    args_ = (
-        "zinb",
-        logits,
-        log_library,
-        log_theta,
-        zi,
-        batch.nz_row,
-        batch.nz_col,
-        batch.nz_val,
-        batch.nz_log_factorial,
-        batch.nz_row_ptr,
-    )
-    for _ in range(10):
-        sclatent.distributions.softmax_count_log_likelihood(*args_).sum().backward()
-    start = time.perf_counter()
-    for _ in range(100):
-        sclatent.distributions.softmax_count_log_likelihood(*args_).sum().backward()
-    likelihood_ms = (time.perf_counter() - start) / 100 * 1e3
-    print(f"threads {args.threads}, {len(batches)} steps of 128 cells x {adata.n_vars} genes")
-    print(f"  whole step (wall)                 {per_step:6.2f} ms")
-    print(f"  matmuls (profiler self time)      {groups['matmuls']:6.2f} ms")
-    print(f"  optimiser (profiler self time)    {groups['optimiser']:6.2f} ms")
-    print(f"  fused likelihood fwd+bwd (alone)  {likelihood_ms:6.2f} ms")
+        ms = event.self_cpu_time_total / 1e3 / n_profiled
+        if event.key in ("aten::mm", "aten::addmm", "aten::mv"):
+            groups["matmuls (mm, addmm, mv)"] += ms
+        elif "adam" in event.key.lower():
+            groups["Adam"] += ms
+        elif event.key.startswith("aten::"):
+            groups["other torch ops"] += ms
+
+    print(f"threads {args.threads}, steps of 128 cells x {adata.n_vars} genes, median of {args.rounds} blocks")
+    for path in PATHS:
+        print(f"  {path:<12} {medians[path]:6.2f} ms/step   ({medians['autograd'] / medians[path]:.2f}x autograd)")
+    print("direct path, torch profiler self time per step (the native kernels run outside torch ops):")
+    for name, ms in groups.items():
+        print(f"  {name:<26} {ms:6.2f} ms")
     print(f"  {sclatent._native.native_status()}")
 
 

@@ -332,43 +332,10 @@ class _NativeSoftmaxNB(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernel, heads, n_genes, log_library, log_theta, row_ptr, cols, values):
-        n_cells = heads.shape[0]
-        zero_inflated = heads.shape[1] == 2 * n_genes
-        log_theta = log_theta.reshape(-1, n_genes).contiguous()
-        theta = torch.exp(log_theta)
-        log_library = log_library.reshape(n_cells).contiguous()
-        out = torch.empty(n_cells, dtype=heads.dtype)
-        threads = torch.get_num_threads()
-        work = _workspace(4 * threads * n_genes)
-        needs_grad = any(ctx.needs_input_grad)
-        grad_heads = torch.empty(heads.shape, dtype=heads.dtype) if needs_grad else None
-        grad_log_library = torch.empty(n_cells, dtype=heads.dtype) if needs_grad else None
-        grad_log_theta = torch.empty(n_cells, n_genes, dtype=heads.dtype) if needs_grad else None
-        offset = n_genes * heads.element_size()  # the zi_logits columns follow the logits
-        kernel.softmax_nb_log_likelihood(
-            n_cells,
-            n_genes,
-            heads.data_ptr(),
-            heads.stride(0),
-            heads.data_ptr() + offset if zero_inflated else None,
-            heads.stride(0),
-            log_library.data_ptr(),
-            theta.data_ptr(),
-            log_theta.data_ptr(),
-            0 if log_theta.shape[0] == 1 else n_genes,
-            row_ptr.data_ptr(),
-            cols.data_ptr(),
-            values.data_ptr(),
-            out.data_ptr(),
-            work.data_ptr(),
-            None if grad_heads is None else grad_heads.data_ptr(),
-            None if grad_log_library is None else grad_log_library.data_ptr(),
-            None if grad_log_theta is None else grad_log_theta.data_ptr(),
-            grad_heads.data_ptr() + offset if needs_grad and zero_inflated else None,
-            heads.shape[1],
-            threads,
+        out, grad_heads, grad_log_library, grad_log_theta = native_softmax_nb(
+            kernel, heads, n_genes, log_library, log_theta, row_ptr, cols, values, any(ctx.needs_input_grad)
         )
-        ctx.theta_rows = log_theta.shape[0]
+        ctx.theta_rows = log_theta.numel() // n_genes
         ctx.save_for_backward(grad_heads, grad_log_library, grad_log_theta)
         return out
 
@@ -386,6 +353,76 @@ class _NativeSoftmaxNB(torch.autograd.Function):
         else:
             grad_log_theta = None
         return None, grad_heads, None, grad_log_library, grad_log_theta, None, None, None
+
+
+def native_softmax_nb(
+    kernel,
+    heads: torch.Tensor,
+    n_genes: int,
+    log_library: torch.Tensor,
+    log_theta: torch.Tensor,
+    row_ptr: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    with_gradients: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One call of the native NB/ZINB kernel: per-cell log-likelihood and, if asked, its gradients.
+
+    Parameters
+    ----------
+    kernel
+        The loaded :mod:`sclatent._native` library.
+    heads
+        ``(B, G)`` logits (NB) or ``(B, 2G)`` logits then zero-inflation logits (ZINB), CPU float32,
+        unit column stride.
+    log_library
+        ``(B,)`` or ``(B, 1)`` log library size.
+    log_theta
+        ``(1, G)`` or ``(B, G)`` log inverse dispersion.
+    row_ptr, cols, values
+        The minibatch's nonzero counts in CSR form (int64, int64, float32; contiguous).
+
+    Returns
+    -------
+    ``log p(x)`` ``(B,)`` (nats) and, with ``with_gradients``, its gradients: w.r.t. ``heads``
+    ``(B, G or 2G)``, ``log_library`` ``(B,)`` and ``log_theta`` per cell ``(B, G)``; else Nones.
+    """
+    n_cells = heads.shape[0]
+    zero_inflated = heads.shape[1] == 2 * n_genes
+    log_theta = log_theta.reshape(-1, n_genes).contiguous()
+    theta = torch.exp(log_theta)
+    log_library = log_library.reshape(n_cells).contiguous()
+    out = torch.empty(n_cells, dtype=heads.dtype)
+    threads = torch.get_num_threads()
+    work = _workspace(4 * threads * n_genes)
+    grad_heads = torch.empty(heads.shape, dtype=heads.dtype) if with_gradients else None
+    grad_log_library = torch.empty(n_cells, dtype=heads.dtype) if with_gradients else None
+    grad_log_theta = torch.empty(n_cells, n_genes, dtype=heads.dtype) if with_gradients else None
+    offset = n_genes * heads.element_size()  # the zi_logits columns follow the logits
+    kernel.softmax_nb_log_likelihood(
+        n_cells,
+        n_genes,
+        heads.data_ptr(),
+        heads.stride(0),
+        heads.data_ptr() + offset if zero_inflated else None,
+        heads.stride(0),
+        log_library.data_ptr(),
+        theta.data_ptr(),
+        log_theta.data_ptr(),
+        0 if log_theta.shape[0] == 1 else n_genes,
+        row_ptr.data_ptr(),
+        cols.data_ptr(),
+        values.data_ptr(),
+        out.data_ptr(),
+        work.data_ptr(),
+        None if grad_heads is None else grad_heads.data_ptr(),
+        None if grad_log_library is None else grad_log_library.data_ptr(),
+        None if grad_log_theta is None else grad_log_theta.data_ptr(),
+        grad_heads.data_ptr() + offset if with_gradients and zero_inflated else None,
+        heads.shape[1],
+        threads,
+    )
+    return out, grad_heads, grad_log_library, grad_log_theta
 
 
 def _heads_matrix(logits: torch.Tensor, zi_logits: torch.Tensor | None) -> torch.Tensor:

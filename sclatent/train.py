@@ -462,6 +462,13 @@ def _fit(
         # a final minibatch of one cell would break BatchNorm; fold such a remainder away
         drop_last = n_train > plan.batch_size and n_train % plan.batch_size < 2
         steps_per_epoch = n_train // plan.batch_size if drop_last else math.ceil(n_train / plan.batch_size)
+    # (not when a hook waits on the backward pass, which the direct path does not run)
+    direct_gradients = (
+        not adversarial
+        and distributed is None
+        and hasattr(module, "loss_and_gradients")
+        and not any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
+    )
     history: dict[str, list[float]] = {}
     best, epochs_without_improvement = math.inf, 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -524,9 +531,12 @@ def _fit(
                 # the share-weighted sum, the gradient of the global minibatch's mean loss
                 (out.loss * (share * distributed.world_size)).backward()
             else:
-                out = module.loss(batch, kl_weight=kl_weight)
-                optimizer.zero_grad()
-                out.loss.backward()
+                # a module that can write its gradients without autograd does (VAE: fused pass)
+                out = module.loss_and_gradients(batch, kl_weight=kl_weight) if direct_gradients else None
+                if out is None:
+                    out = module.loss(batch, kl_weight=kl_weight)
+                    optimizer.zero_grad()
+                    out.loss.backward()
             optimizer.step()
             loss_sum += float(out.loss.detach()) * batch.size
             _accumulate(totals, out)

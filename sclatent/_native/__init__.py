@@ -34,7 +34,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("softmax_nb.c", "sparse_linear.c", "dropout.c", "csr_gather.c")
+    Path(__file__).with_name(name)
+    for name in ("softmax_nb.c", "sparse_linear.c", "dropout.c", "csr_gather.c", "vae_layers.c")
 )
 _FLAGS_OPENMP = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 _FLAGS_SERIAL = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
@@ -114,6 +115,10 @@ def _declare(library: ctypes.CDLL) -> None:
         "sparse_linear_backward_weight": [size, size, size] + [pointer] * 5 + [count],
         "dropout_mask": [size, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, pointer, count],
         "csr_gather_rows": [size] + [pointer] * 10 + [count],
+        "bn_relu_forward": [size, size, pointer, pointer, pointer, ctypes.c_float, ctypes.c_float] + [pointer] * 9,
+        "bn_relu_backward": [size, size] + [pointer] * 8,
+        "gaussian_head_forward": [size, size, pointer, pointer, ctypes.c_float, pointer, pointer, pointer],
+        "gaussian_head_backward": [size, size] + [pointer] * 5 + [ctypes.c_float, pointer],
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)

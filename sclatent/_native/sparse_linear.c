@@ -5,6 +5,7 @@
  * at these sizes on CPU (measured), hence this file.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -30,33 +31,51 @@ void sparse_linear_forward(int64_t B, int64_t H, const int64_t *row_ptr, const i
 }
 
 /*
- * grad_weight (G, H) = x^T @ grad_out, overwritten (zeroed first). Threads split the H columns, so
- * no two threads write the same element and no atomics are needed.
+ * grad_weight (G, H) = x^T @ grad_out, overwritten. The nonzeros are first bucketed by column (a
+ * counting sort, stable in the row), so each row of grad_weight is summed in cache by one thread
+ * and written once: no zeroing pass over (G, H), no read-modify-write, no two threads on one row.
  */
 void sparse_linear_backward_weight(int64_t B, int64_t G, int64_t H, const int64_t *row_ptr, const int64_t *cols,
                                    const float *values, const float *grad_out, float *grad_weight, int n_threads) {
-#pragma omp parallel num_threads(n_threads)
-    {
-        int n = 1, t = 0;
-#ifdef _OPENMP
-        n = omp_get_num_threads();
-        t = omp_get_thread_num();
-#endif
-        /* column blocks of 8 floats keep each thread's stores in whole vectors */
-        int64_t blocks = (H + 7) / 8;
-        int64_t begin = (blocks * t / n) * 8, end = (blocks * (t + 1) / n) * 8;
-        if (end > H) end = H;
-        if (begin < end) {
-            for (int64_t g = 0; g < G; g++) memset(grad_weight + g * H + begin, 0, (size_t)(end - begin) * sizeof(float));
-            for (int64_t b = 0; b < B; b++) {
-                const float *d = grad_out + b * H;
-                for (int64_t k = row_ptr[b]; k < row_ptr[b + 1]; k++) {
-                    const float v = values[k];
-                    float *gw = grad_weight + cols[k] * H;
+    const int64_t nnz = row_ptr[B];
+    int64_t *col_ptr = calloc((size_t)G + 1, sizeof(int64_t));
+    int64_t *fill = malloc(((size_t)G + 1) * sizeof(int64_t));
+    int64_t *entry_row = malloc((size_t)(nnz > 0 ? nnz : 1) * sizeof(int64_t));
+    float *entry_value = malloc((size_t)(nnz > 0 ? nnz : 1) * sizeof(float));
+    if (!col_ptr || !fill || !entry_row || !entry_value) {
+        /* out of memory for the buckets (tiny next to the weight): the direct, serial sum */
+        memset(grad_weight, 0, (size_t)(G * H) * sizeof(float));
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t k = row_ptr[b]; k < row_ptr[b + 1]; k++)
+                for (int64_t j = 0; j < H; j++) grad_weight[cols[k] * H + j] += values[k] * grad_out[b * H + j];
+        free(col_ptr);
+        free(fill);
+        free(entry_row);
+        free(entry_value);
+        return;
+    }
+    for (int64_t k = 0; k < nnz; k++) col_ptr[cols[k] + 1]++;
+    for (int64_t g = 0; g < G; g++) col_ptr[g + 1] += col_ptr[g];
+    memcpy(fill, col_ptr, ((size_t)G + 1) * sizeof(int64_t));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t k = row_ptr[b]; k < row_ptr[b + 1]; k++) {
+            const int64_t slot = fill[cols[k]]++;
+            entry_row[slot] = b;
+            entry_value[slot] = values[k];
+        }
+#pragma omp parallel for schedule(dynamic, 32) num_threads(n_threads)
+    for (int64_t g = 0; g < G; g++) {
+        float *gw = grad_weight + g * H;
+        memset(gw, 0, (size_t)H * sizeof(float));
+        for (int64_t k = col_ptr[g]; k < col_ptr[g + 1]; k++) {
+            const float v = entry_value[k];
+            const float *d = grad_out + entry_row[k] * H;
 #pragma omp simd
-                    for (int64_t j = begin; j < end; j++) gw[j] += v * d[j];
-                }
-            }
+            for (int64_t j = 0; j < H; j++) gw[j] += v * d[j];
         }
     }
+    free(col_ptr);
+    free(fill);
+    free(entry_row);
+    free(entry_value);
 }

@@ -1,0 +1,470 @@
+"""The count VAE's training objective and its gradient as one autograd node (CPU, float32).
+
+Why: at scVI's architecture and batch 128 the step's arithmetic is three ``128 x 128 x 2G``
+matmuls, the likelihood kernel, a sparse first layer and Adam; through autograd it is also ~60
+graph nodes and as many small kernels (BatchNorm, ReLU, dropout, the Gaussian head, KL, bias and
+gradient bookkeeping), each paying dispatch, and together about a third of the step on 2 cores
+(``benchmarks/profile_step.py``). Here the forward pass computes every layer with the native
+kernels of :mod:`sclatent._native` and plain matmuls, keeps what the backward needs, and the
+backward applies the chain rule by hand.
+
+The result is the module's own objective, not an approximation: the same loss, the same gradient
+for every parameter, the same BatchNorm running statistics and the same random draws (dropout seed,
+then the reparameterisation noise, from torch's generator in the same order), equal to float32
+rounding (``tests/test_fused_elbo.py``). It covers the configuration of scVI and of the benchmark,
+which is also the model's default: normal prior and posterior, observed library size, gene-wise
+dispersion, ZINB or NB, one hidden layer in encoder and decoder, categorical covariates. Any
+other configuration, evaluation, no-grad calls, other devices and ``SCLATENT_FUSED=0`` take the
+autograd path of :meth:`VAEModule.loss`.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import _native
+from ..data.loader import MiniBatch
+from ..distributions import native_softmax_nb
+from ..nn.blocks import MLP, Dropout
+from ._base import LossOutput
+
+
+@dataclass
+class _Layer:
+    """One hidden layer: ``Linear(x) + embeddings -> BatchNorm -> ReLU -> dropout``."""
+
+    weight: torch.Tensor  # (n_in, H) for the sparse encoder layer, (H, n_in) for nn.Linear
+    bias: torch.Tensor
+    embeddings: list[torch.Tensor]  # (n_categories, H) each, in the order of the used covariates
+    used_covariates: list[int]  # which of the minibatch's categorical codes each embedding reads
+    norm: nn.BatchNorm1d
+    dropout: float
+
+
+@dataclass
+class _Spec:
+    kernel: object
+    encoder: _Layer
+    decoder: _Layer
+    heads_weight: torch.Tensor  # (2L, H)
+    heads_bias: torch.Tensor
+    var_eps: float
+    out_weight: torch.Tensor  # (G or 2G, H)
+    out_bias: torch.Tensor
+    log_theta: torch.Tensor  # (1, G)
+    n_genes: int
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every tensor the objective is differentiated against, in the order of the backward's return."""
+        enc, dec = self.encoder, self.decoder
+        return [
+            enc.weight,
+            enc.bias,
+            *enc.embeddings,
+            enc.norm.weight,
+            enc.norm.bias,
+            self.heads_weight,
+            self.heads_bias,
+            dec.weight,
+            dec.bias,
+            *dec.embeddings,
+            dec.norm.weight,
+            dec.norm.bias,
+            self.out_weight,
+            self.out_bias,
+            self.log_theta,
+        ]
+
+
+def _layer(mlp: MLP, use_covariates: bool) -> _Layer | None:
+    """The one hidden layer of ``mlp`` if it has the shape the fused pass computes, else None."""
+    if len(mlp.layers) != 1:
+        return None
+    layer, post = mlp.layers[0], list(mlp.post[0])
+    norm = post[0] if post else None
+    if (
+        layer.continuous is not None
+        or not isinstance(norm, nn.BatchNorm1d)
+        or not (norm.affine and norm.track_running_stats and norm.momentum is not None)
+        or len(post) not in (2, 3)
+        or not isinstance(post[1], nn.ReLU)
+        or (len(post) == 3 and not isinstance(post[2], Dropout))
+        or (layer.embeddings and not use_covariates)
+    ):
+        return None
+    used = [i for i, use in enumerate(layer._use_cat) if use]
+    return _Layer(
+        weight=layer.linear.weight,
+        bias=layer.linear.bias,
+        embeddings=[embedding.weight for embedding in layer.embeddings],
+        used_covariates=used,
+        norm=norm,
+        dropout=post[2].p if len(post) == 3 else 0.0,
+    )
+
+
+# The structural part of a module's spec, computed once per module (weakly held): building it
+# walks the module tree, ~0.1 ms, a few percent of a step.
+_specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fused_spec(module, batch: MiniBatch) -> _Spec | None:
+    """What the fused objective needs from ``module`` (a :class:`VAEModule`), or None when this
+    call must take the autograd path (see the module docstring for when)."""
+    if not (module.training and torch.is_grad_enabled() and batch.size >= 2):
+        return None
+    if os.environ.get("SCLATENT_FUSED", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if batch.continuous_covariates.shape[-1] or batch.nz_val.device.type != "cpu":
+        return None
+    if module not in _specs:
+        _specs[module] = _structure(module)
+    spec = _specs[module]
+    if spec is None or spec.out_weight.device.type != "cpu" or spec.out_weight.dtype != torch.float32:
+        return None
+    # (a module moved to another device or dtype moves every parameter; checking one is enough)
+    return spec
+
+
+def _structure(module) -> _Spec | None:
+    """:func:`fused_spec` for ``module``, independent of the call (None: not this configuration)."""
+    if (
+        module.prior_flow is not None
+        or module.posterior_flow is not None
+        or not module.use_observed_library
+        or module.dispersion != "gene"
+        or module.gene_likelihood not in ("zinb", "nb")
+    ):
+        return None
+    encoder = _layer(module.z_encoder.body, module.encode_covariates)
+    decoder = _layer(module.decoder.body, True)
+    if encoder is None or decoder is None or decoder.dropout:
+        return None
+    spec = _Spec(
+        kernel=None,
+        encoder=encoder,
+        decoder=decoder,
+        heads_weight=module.z_encoder.heads.weight,
+        heads_bias=module.z_encoder.heads.bias,
+        var_eps=float(module.z_encoder.var_eps),
+        out_weight=module.decoder.out.weight,
+        out_bias=module.decoder.out.bias,
+        log_theta=module.log_theta,
+        n_genes=module.n_genes,
+    )
+    parameters = spec.parameters()
+    if len({(p.device, p.dtype) for p in parameters}) != 1:
+        return None
+    # every parameter must be one the fused pass differentiates: fused_loss_and_gradients overwrites
+    # all gradients, and one it did not know would keep a stale value
+    if {id(p) for p in module.parameters()} != {id(p) for p in parameters}:
+        return None
+    spec.kernel = _native.library()
+    return spec if spec.kernel is not None else None
+
+
+def fused_loss(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
+    """Negative ELBO per cell, as :meth:`VAEModule.loss`, through the fused pass."""
+    loss, reconstruction, kl = _FusedELBO.apply(spec, batch, float(kl_weight), *spec.parameters())
+    return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl)
+
+
+def _ptr(tensor: torch.Tensor | None):
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _add_embeddings(out: torch.Tensor, layer: _Layer, codes: list[torch.Tensor]) -> None:
+    for weight, index in zip(layer.embeddings, layer.used_covariates, strict=True):
+        out.add_(weight.index_select(0, codes[index]))
+
+
+def _normalise(kernel, layer: _Layer, pre: torch.Tensor, mask: torch.Tensor | None):
+    """BatchNorm (training) -> ReLU -> dropout of ``pre`` ``(B, H)``, updating the running statistics
+    as ``torch.nn.BatchNorm1d`` does (the running variance takes the unbiased batch variance).
+
+    Returns the output and what the backward reads: ``(out, xhat, gate, rstd)``.
+    """
+    n_cells, width = pre.shape
+    out, xhat, gate = (torch.empty_like(pre) for _ in range(3))
+    mean, var, rstd = (torch.empty(width) for _ in range(3))
+    norm = layer.norm
+    kernel.bn_relu_forward(
+        n_cells,
+        width,
+        pre.data_ptr(),
+        norm.weight.data_ptr(),
+        norm.bias.data_ptr(),
+        norm.eps,
+        norm.momentum,
+        norm.running_mean.data_ptr(),
+        norm.running_var.data_ptr(),
+        _ptr(mask),
+        out.data_ptr(),
+        xhat.data_ptr(),
+        gate.data_ptr(),
+        mean.data_ptr(),
+        var.data_ptr(),
+        rstd.data_ptr(),
+    )
+    norm.num_batches_tracked.add_(1)
+    return out, xhat, gate, rstd
+
+
+def _normalise_backward(kernel, layer: _Layer, grad_out: torch.Tensor, xhat, gate, rstd):
+    """``(grad_pre, grad_gamma, grad_beta)`` for :func:`_normalise`'s output gradient ``grad_out``."""
+    n_cells, width = grad_out.shape
+    grad_pre = torch.empty_like(grad_out)
+    grad_gamma, grad_beta = torch.empty(width), torch.empty(width)
+    kernel.bn_relu_backward(
+        n_cells,
+        width,
+        grad_out.contiguous().data_ptr(),
+        xhat.data_ptr(),
+        gate.data_ptr(),
+        layer.norm.weight.data_ptr(),
+        rstd.data_ptr(),
+        grad_pre.data_ptr(),
+        grad_gamma.data_ptr(),
+        grad_beta.data_ptr(),
+    )
+    return grad_pre, grad_gamma, grad_beta
+
+
+def _embedding_gradients(layer: _Layer, codes: list[torch.Tensor], grad_pre: torch.Tensor) -> list[torch.Tensor]:
+    return [
+        torch.zeros_like(weight).index_add_(0, codes[index], grad_pre)
+        for weight, index in zip(layer.embeddings, layer.used_covariates, strict=True)
+    ]
+
+
+@dataclass
+class _Saved:
+    """What the backward pass reads from the forward pass of one minibatch."""
+
+    codes: list[torch.Tensor]
+    row_ptr: torch.Tensor
+    cols: torch.Tensor
+    log_counts: torch.Tensor
+    xhat_enc: torch.Tensor
+    gate_enc: torch.Tensor
+    rstd_enc: torch.Tensor
+    hidden_enc: torch.Tensor
+    q: torch.Tensor
+    noise: torch.Tensor
+    var: torch.Tensor
+    z: torch.Tensor
+    xhat_dec: torch.Tensor
+    gate_dec: torch.Tensor
+    rstd_dec: torch.Tensor
+    hidden_dec: torch.Tensor
+    grad_heads: torch.Tensor  # d log p(x_b) / d heads_b, (B, G or 2G)
+    grad_log_theta: torch.Tensor  # d log p(x_b) / d log theta, per cell, (B, G)
+
+
+@torch.no_grad()
+def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
+    """``(loss, reconstruction (B,), kl (B,), saved)``; updates the BatchNorm running statistics."""
+    kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
+    threads = torch.get_num_threads()
+    n_cells = batch.size
+    width = enc.bias.numel()
+    n_latent = spec.heads_bias.numel() // 2
+    codes, _ = batch.covariates()
+    row_ptr = batch.nz_row_ptr.to(torch.int64).contiguous()
+    cols = batch.nz_col.to(torch.int64).contiguous()
+    counts = batch.nz_val.contiguous()
+    log_counts = torch.log1p(counts)
+
+    # encoder: sparse first layer on log1p counts -> BatchNorm -> ReLU -> dropout
+    pre_enc = torch.empty(n_cells, width)
+    kernel.sparse_linear_forward(
+        n_cells,
+        width,
+        row_ptr.data_ptr(),
+        cols.data_ptr(),
+        log_counts.data_ptr(),
+        enc.weight.data_ptr(),
+        enc.bias.data_ptr(),
+        pre_enc.data_ptr(),
+        threads,
+    )
+    _add_embeddings(pre_enc, enc, codes)
+    mask = None
+    if enc.dropout > 0:
+        # the draw sclatent.nn.blocks.Dropout makes, so both paths see the same mask
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        mask = torch.empty(n_cells, width)
+        threshold = min(2**32 - 1, round(enc.dropout * 2**32))
+        kernel.dropout_mask(mask.numel(), seed, threshold, 1.0 / (1.0 - enc.dropout), mask.data_ptr(), 1)
+    hidden_enc, xhat_enc, gate_enc, rstd_enc = _normalise(kernel, enc, pre_enc, mask)
+
+    # Gaussian head: z = mean + sqrt(var) * noise, KL to N(0, I)
+    q = torch.addmm(spec.heads_bias, hidden_enc, spec.heads_weight.t())
+    noise = torch.randn(n_cells, n_latent)
+    z, var, kl = torch.empty(n_cells, n_latent), torch.empty(n_cells, n_latent), torch.empty(n_cells)
+    kernel.gaussian_head_forward(
+        n_cells, n_latent, q.data_ptr(), noise.data_ptr(), spec.var_eps, z.data_ptr(), var.data_ptr(), kl.data_ptr()
+    )
+
+    # decoder: Linear(z) + covariates -> BatchNorm -> ReLU -> fused output heads -> likelihood
+    pre_dec = torch.addmm(dec.bias, z, dec.weight.t())
+    _add_embeddings(pre_dec, dec, codes)
+    hidden_dec, xhat_dec, gate_dec, rstd_dec = _normalise(kernel, dec, pre_dec, None)
+    heads = torch.addmm(spec.out_bias, hidden_dec, spec.out_weight.t())
+    log_library = torch.log(batch.library.clamp(min=1.0))
+    log_likelihood, grad_heads, _, grad_log_theta = native_softmax_nb(
+        kernel, heads, spec.n_genes, log_library, spec.log_theta, row_ptr, cols, counts, True
+    )
+    reconstruction = log_likelihood.neg_()
+    loss = (reconstruction + kl_weight * kl).mean()
+    saved = _Saved(
+        codes,
+        row_ptr,
+        cols,
+        log_counts,
+        xhat_enc,
+        gate_enc,
+        rstd_enc,
+        hidden_enc,
+        q,
+        noise,
+        var,
+        z,
+        xhat_dec,
+        gate_dec,
+        rstd_dec,
+        hidden_dec,
+        grad_heads,
+        grad_log_theta,
+    )
+    return loss, reconstruction, kl, saved
+
+
+@torch.no_grad()
+def _backward(spec: _Spec, saved: _Saved, weight_rec: torch.Tensor, weight_kl: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients, in the order of :meth:`_Spec.parameters`, of ``sum_b weight_rec_b rec_b +
+    weight_kl_b kl_b`` (``(B,)`` weights; the mean loss has ``1 / B`` and ``kl_weight / B``)."""
+    kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
+    n_cells, width = saved.hidden_enc.shape
+    n_latent = saved.z.shape[1]
+    # reconstruction = -log p, so d/d heads = -weight_rec * grad_heads, row by row; the row
+    # weights are applied to the (B, H) side of each product, never to the (B, 2G) matrix
+    row_scale = weight_rec.neg()
+    grad_out_weight = torch.mm(saved.grad_heads.t(), saved.hidden_dec * row_scale.unsqueeze(1))
+    grad_out_bias = torch.mv(saved.grad_heads.t(), row_scale)
+    grad_log_theta = torch.mv(saved.grad_log_theta.t(), row_scale).unsqueeze(0)
+    grad_hidden_dec = torch.mm(saved.grad_heads, spec.out_weight).mul_(row_scale.unsqueeze(1))
+
+    grad_pre_dec, grad_gamma_dec, grad_beta_dec = _normalise_backward(
+        kernel, dec, grad_hidden_dec, saved.xhat_dec, saved.gate_dec, saved.rstd_dec
+    )
+    grad_dec_weight = torch.mm(grad_pre_dec.t(), saved.z)
+    grad_dec_bias = grad_pre_dec.sum(0)
+    grad_dec_embeddings = _embedding_gradients(dec, saved.codes, grad_pre_dec)
+    grad_z = torch.mm(grad_pre_dec, dec.weight)
+
+    grad_q = torch.empty_like(saved.q)
+    kernel.gaussian_head_backward(
+        n_cells,
+        n_latent,
+        saved.q.data_ptr(),
+        saved.noise.data_ptr(),
+        saved.var.data_ptr(),
+        grad_z.data_ptr(),
+        weight_kl.contiguous().data_ptr(),
+        spec.var_eps,
+        grad_q.data_ptr(),
+    )
+    grad_heads_weight = torch.mm(grad_q.t(), saved.hidden_enc)
+    grad_heads_bias = grad_q.sum(0)
+    grad_hidden_enc = torch.mm(grad_q, spec.heads_weight)
+
+    grad_pre_enc, grad_gamma_enc, grad_beta_enc = _normalise_backward(
+        kernel, enc, grad_hidden_enc, saved.xhat_enc, saved.gate_enc, saved.rstd_enc
+    )
+    grad_enc_weight = torch.empty_like(enc.weight)
+    kernel.sparse_linear_backward_weight(
+        n_cells,
+        enc.weight.shape[0],
+        width,
+        saved.row_ptr.data_ptr(),
+        saved.cols.data_ptr(),
+        saved.log_counts.data_ptr(),
+        grad_pre_enc.data_ptr(),
+        grad_enc_weight.data_ptr(),
+        torch.get_num_threads(),
+    )
+    grad_enc_bias = grad_pre_enc.sum(0)
+    grad_enc_embeddings = _embedding_gradients(enc, saved.codes, grad_pre_enc)
+    return [
+        grad_enc_weight,
+        grad_enc_bias,
+        *grad_enc_embeddings,
+        grad_gamma_enc,
+        grad_beta_enc,
+        grad_heads_weight,
+        grad_heads_bias,
+        grad_dec_weight,
+        grad_dec_bias,
+        *grad_dec_embeddings,
+        grad_gamma_dec,
+        grad_beta_dec,
+        grad_out_weight,
+        grad_out_bias,
+        grad_log_theta,
+    ]
+
+
+def fused_loss_and_gradients(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
+    """:func:`fused_loss` and the gradient of its ``loss``, written into each parameter's ``.grad``
+    (replacing what was there, as ``zero_grad()`` then ``loss.backward()`` would) without autograd.
+
+    The returned tensors carry no graph. Saves the autograd engine's per-parameter work (about
+    0.3 ms of a 4 ms step on 2 cores); a trainer uses it when nothing hooks into the backward pass.
+    """
+    loss, reconstruction, kl, saved = _forward(spec, batch, float(kl_weight))
+    n_cells = batch.size
+    weight_rec = torch.full((n_cells,), 1.0 / n_cells)
+    weight_kl = torch.full((n_cells,), float(kl_weight) / n_cells)
+    for parameter, grad in zip(spec.parameters(), _backward(spec, saved, weight_rec, weight_kl), strict=True):
+        if not parameter.requires_grad:
+            continue
+        if parameter.grad is None:
+            parameter.grad = grad
+        else:
+            parameter.grad.copy_(grad)
+    return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl)
+
+
+class _FusedELBO(torch.autograd.Function):
+    """``(loss, reconstruction (B,), kl (B,))`` of the VAE as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, batch: MiniBatch, kl_weight: float, *parameters):
+        loss, reconstruction, kl, saved = _forward(spec, batch, kl_weight)
+        ctx.spec, ctx.kl_weight, ctx.saved = spec, kl_weight, saved
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*parameters)
+        return loss, reconstruction, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_reconstruction, grad_kl):
+        ctx.saved_tensors  # noqa: B018 (raises if a parameter was modified in place since the forward)
+        n_cells = ctx.saved.z.shape[0]
+        # per-cell weights of the two terms in what is differentiated
+        weight_rec, weight_kl = torch.zeros(n_cells), torch.zeros(n_cells)
+        if grad_loss is not None:
+            weight_rec += grad_loss / n_cells
+            weight_kl += grad_loss * (ctx.kl_weight / n_cells)
+        if grad_reconstruction is not None:
+            weight_rec += grad_reconstruction
+        if grad_kl is not None:
+            weight_kl += grad_kl
+        grads = _backward(ctx.spec, ctx.saved, weight_rec, weight_kl)
+        needs = ctx.needs_input_grad[3:]
+        return (None, None, None, *(g if need else None for g, need in zip(grads, needs, strict=True)))

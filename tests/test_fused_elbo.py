@@ -1,0 +1,218 @@
+"""The fused training objective of the count VAE (sclatent.modules.fused_elbo) against autograd.
+
+The fused pass claims to be the module's own objective: the same loss, per-cell terms, gradient of
+every parameter, BatchNorm running statistics and random draws as :meth:`VAEModule.loss` through
+autograd (``SCLATENT_FUSED=0``). Each test builds two identical modules, seeds torch's generator
+identically before each call and compares the two paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sclatent
+from sclatent import _native
+from sclatent.data import CellData, setup_anndata
+from sclatent.modules import VAEModule
+from sclatent.modules.fused_elbo import fused_spec
+
+pytestmark = pytest.mark.skipif(_native.library() is None, reason=f"no native kernels: {_native.native_status()}")
+
+
+@pytest.fixture(scope="module")
+def data():
+    adata = sclatent.datasets.synthetic(n_cells=300, n_genes=60, n_clusters=3, n_batches=3, seed=4)
+    rng = np.random.default_rng(0)
+    adata.obs["donor"] = rng.choice(["a", "b", "c", "d"], adata.n_obs)
+    adata.obs["depth"] = rng.normal(size=adata.n_obs)
+    return adata
+
+
+def _cell_data(adata, continuous: bool = False) -> CellData:
+    registry = setup_anndata(
+        adata,
+        batch_key="batch",
+        categorical_covariate_keys=["donor"],
+        continuous_covariate_keys=["depth"] if continuous else None,
+    )
+    return CellData(adata, registry)
+
+
+def _minibatch(cell_data: CellData, size: int = 64):
+    generator = torch.Generator().manual_seed(0)
+    return next(iter(cell_data.iterate(cell_data.nonempty_cells, size, shuffle=True, generator=generator)))
+
+
+def _module(seed: int = 0, **options) -> VAEModule:
+    arguments = dict(n_batch=3, n_cats_per_cov=[4], n_hidden=32, n_latent=5)
+    arguments.update(options)
+    torch.manual_seed(seed)
+    return VAEModule(60, **arguments).train()
+
+
+def _loss(module, batch, fused: bool, monkeypatch, kl_weight: float = 0.4):
+    monkeypatch.setenv("SCLATENT_FUSED", "1" if fused else "0")
+    torch.manual_seed(123)  # the dropout seed and the reparameterisation noise
+    return module.loss(batch, kl_weight=kl_weight)
+
+
+def _assert_same_gradients(fused_module, reference_module):
+    grads = dict(reference_module.named_parameters())
+    scale = max(float(p.grad.abs().max()) for p in grads.values())
+    for name, parameter in fused_module.named_parameters():
+        expected = grads[name].grad
+        # the biases before a BatchNorm have zero gradient mathematically: both paths give rounding
+        # noise there, hence the absolute tolerance relative to the largest gradient of the model
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"gene_likelihood": "nb"},
+        {"encode_covariates": False},
+        {"dropout_rate": 0.0},
+        {"inject_covariates": False},
+        {"n_batch": 1, "n_cats_per_cov": []},
+    ],
+    ids=["zinb", "nb", "decoder-covariates-only", "no-dropout", "no-injection", "no-covariates"],
+)
+def test_fused_loss_gradients_and_running_statistics_equal_autograd(data, options, monkeypatch):
+    batch = _minibatch(_cell_data(data))
+    if options.get("n_batch") == 1:
+        batch.batch_index = torch.zeros_like(batch.batch_index)
+    fused_module, reference_module = _module(**options), _module(**options)
+    assert fused_spec(fused_module, batch) is not None
+    fused = _loss(fused_module, batch, True, monkeypatch)
+    reference = _loss(reference_module, batch, False, monkeypatch)
+    torch.testing.assert_close(fused.loss, reference.loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused.reconstruction, reference.reconstruction, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(fused.kl, reference.kl, rtol=1e-5, atol=1e-5)
+    fused.loss.backward()
+    reference.loss.backward()
+    _assert_same_gradients(fused_module, reference_module)
+    reference_buffers = dict(reference_module.named_buffers())
+    for name, buffer in fused_module.named_buffers():
+        torch.testing.assert_close(buffer, reference_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_gradient_of_per_cell_terms_equals_autograd(data, monkeypatch):
+    """Differentiating the per-cell outputs (not only the mean loss) weights each cell's terms apart."""
+    batch = _minibatch(_cell_data(data))
+    weights = torch.linspace(-1.0, 2.0, batch.size)
+    modules = {True: _module(), False: _module()}
+    for fused, module in modules.items():
+        out = _loss(module, batch, fused, monkeypatch)
+        (0.5 * out.loss + (weights * out.reconstruction).sum() + (weights.flip(0) * out.kl).sum()).backward()
+    _assert_same_gradients(modules[True], modules[False])
+
+
+def test_fused_training_follows_the_autograd_path(data, monkeypatch):
+    """Three epochs of seeded training through each path end at the same ELBO (to rounding)."""
+    histories = {}
+    for fused in (True, False):
+        monkeypatch.setenv("SCLATENT_FUSED", "1" if fused else "0")
+        model = sclatent.model.VAE(data.copy(), n_hidden=32, n_latent=5, seed=0)
+        model.train(max_epochs=3, batch_size=64, progress_bar=False, seed=0)
+        histories[fused] = model.history
+    for key in ("train_elbo", "validation_elbo"):
+        np.testing.assert_allclose(histories[True][key], histories[False][key], rtol=1e-3)
+    assert histories[True]["train_elbo"][-1] > histories[True]["train_elbo"][0]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prior": "planar"},
+        {"posterior": "iaf"},
+        {"use_observed_library": False},
+        {"dispersion": "gene-batch"},
+        {"dispersion": "gene-cell"},
+        {"gene_likelihood": "poisson"},
+        {"n_layers": 2},
+    ],
+    ids=lambda options: next(iter(options.items()))[0] + "=" + str(next(iter(options.values()))),
+)
+def test_other_configurations_take_the_autograd_path(data, options):
+    batch = _minibatch(_cell_data(data))
+    assert fused_spec(_module(**options), batch) is None
+
+
+def test_when_the_fused_path_is_not_taken(data, monkeypatch):
+    cell_data = _cell_data(data)
+    batch = _minibatch(cell_data)
+    module = _module()
+    assert fused_spec(module, batch) is not None
+    with torch.no_grad():
+        assert fused_spec(module, batch) is None
+    assert fused_spec(module.eval(), batch) is None
+    module.train()
+    assert fused_spec(module, batch.select_rows(0, 1)) is None  # BatchNorm needs two cells
+    monkeypatch.setenv("SCLATENT_FUSED", "0")
+    assert fused_spec(module, batch) is None
+    monkeypatch.delenv("SCLATENT_FUSED")
+    assert fused_spec(module.double(), batch) is None
+    continuous = _minibatch(_cell_data(data, continuous=True))
+    assert fused_spec(_module(n_continuous=1), continuous) is None
+
+
+def test_fused_backward_refuses_parameters_changed_since_the_forward(data, monkeypatch):
+    batch = _minibatch(_cell_data(data))
+    module = _module()
+    out = _loss(module, batch, True, monkeypatch)
+    with torch.no_grad():
+        module.decoder.out.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
+def test_loss_and_gradients_writes_the_autograd_gradients(data, monkeypatch):
+    """The trainer's direct path: gradients replace whatever ``.grad`` held, without a graph."""
+    batch = _minibatch(_cell_data(data))
+    direct, reference = _module(), _module()
+    for parameter in direct.parameters():
+        parameter.grad = torch.full_like(parameter, 7.0)  # stale values must not survive
+    monkeypatch.setenv("SCLATENT_FUSED", "1")
+    torch.manual_seed(123)
+    out = direct.loss_and_gradients(batch, kl_weight=0.4)
+    assert out.loss.grad_fn is None and out.reconstruction.grad_fn is None
+    expected = _loss(reference, batch, False, monkeypatch)
+    expected.loss.backward()
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-4)
+    _assert_same_gradients(direct, reference)
+
+
+def test_loss_and_gradients_declines_what_it_cannot_fuse(data):
+    batch = _minibatch(_cell_data(data))
+    module = _module(prior="planar")
+    assert module.loss_and_gradients(batch) is None
+
+
+def test_trainer_takes_the_direct_path_unless_a_hook_needs_the_backward(data, monkeypatch):
+    from sclatent.modules import vae as vae_module
+    from sclatent.train import TrainingPlan, fit
+
+    calls = {"direct": 0}
+    original = vae_module.VAEModule.loss_and_gradients
+
+    def counting(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["direct"] += out is not None
+        return out
+
+    monkeypatch.setattr(vae_module.VAEModule, "loss_and_gradients", counting)
+    cell_data = _cell_data(data)
+    cells, plan = cell_data.nonempty_cells, TrainingPlan(max_epochs=1, batch_size=64)
+    steps = -(-len(cells) // 64)
+    module = _module()
+    fit(module, cell_data, cells, cells[:0], plan, progress_bar=False)
+    assert calls["direct"] == steps
+
+    calls["direct"] = 0
+    seen = []
+    module.decoder.out.weight.register_hook(lambda grad: seen.append(grad.shape))
+    fit(module, cell_data, cells, cells[:0], plan, progress_bar=False)
+    assert calls["direct"] == 0 and len(seen) == steps
