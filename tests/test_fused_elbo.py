@@ -21,6 +21,16 @@ from sclatent.modules.fused_elbo import fused_spec
 pytestmark = pytest.mark.skipif(_native.library() is None, reason=f"no native kernels: {_native.native_status()}")
 
 
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """Two torch threads (the suite's default is one): the fused pass then runs its output-layer
+    products side by side (``_gemm_pair``), the path training takes on a multi-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def data():
     adata = sclatent.datasets.synthetic(n_cells=300, n_genes=60, n_clusters=3, n_batches=3, seed=4)
@@ -80,7 +90,9 @@ def _assert_same_gradients(fused_module, reference_module):
     ],
     ids=["zinb", "nb", "decoder-covariates-only", "no-dropout", "no-injection", "no-covariates"],
 )
-def test_fused_loss_gradients_and_running_statistics_equal_autograd(data, options, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2], ids=["torch-matmul", "side-by-side-matmul"])
+def test_fused_loss_gradients_and_running_statistics_equal_autograd(data, options, threads, monkeypatch):
+    torch.set_num_threads(threads)
     batch = _minibatch(_cell_data(data))
     if options.get("n_batch") == 1:
         batch.batch_index = torch.zeros_like(batch.batch_index)
@@ -216,3 +228,34 @@ def test_trainer_takes_the_direct_path_unless_a_hook_needs_the_backward(data, mo
     module.decoder.out.weight.register_hook(lambda grad: seen.append(grad.shape))
     fit(module, cell_data, cells, cells[:0], plan, progress_bar=False)
     assert calls["direct"] == 0 and len(seen) == steps
+
+
+def test_side_by_side_products_equal_torch_matmul():
+    """The output layer's products, run as two single-threaded MKL calls at once, are torch's."""
+    from sclatent.modules.fused_elbo import _gemm_pair
+
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(16, 8, generator=generator), torch.randn(30, 8, generator=generator)
+    grad = torch.randn(16, 30, generator=generator)
+    out = torch.randn(30, generator=generator).expand(16, -1).contiguous()
+    expected_out = out + hidden @ weight.t()
+    if not _gemm_pair(
+        (out[:, :15], hidden, False, weight[:15], True, 1.0, 1.0),
+        (out[:, 15:], hidden, False, weight[15:], True, 1.0, 1.0),
+    ):
+        pytest.skip("torch's MKL is not reachable here: the fused pass uses torch's matmul")
+    torch.testing.assert_close(out, expected_out)
+    grad_weight, grad_hidden = torch.empty(30, 8), torch.empty(16, 8)
+    assert _gemm_pair(
+        (grad_weight, grad, True, hidden, False, 2.0, 0.0), (grad_hidden, grad, False, weight, False, 1.0, 0.0)
+    )
+    torch.testing.assert_close(grad_weight, 2.0 * grad.t() @ hidden)
+    torch.testing.assert_close(grad_hidden, grad @ weight)
+    # a user who allows torch one thread gets no second one
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        job = (grad_hidden, grad, False, weight, False, 1.0, 0.0)
+        assert not _gemm_pair(job, job)
+    finally:
+        torch.set_num_threads(before)

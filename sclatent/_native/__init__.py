@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("softmax_nb.c", "sparse_linear.c", "dropout.c", "csr_gather.c", "vae_layers.c")
+    for name in ("softmax_nb.c", "sparse_linear.c", "dropout.c", "csr_gather.c", "vae_layers.c", "gemm_pair.c")
 )
 _FLAGS_OPENMP = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
 _FLAGS_SERIAL = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
@@ -119,6 +119,7 @@ def _declare(library: ctypes.CDLL) -> None:
         "bn_relu_backward": [size, size] + [pointer] * 8,
         "gaussian_head_forward": [size, size, pointer, pointer, ctypes.c_float, pointer, pointer, pointer],
         "gaussian_head_backward": [size, size] + [pointer] * 5 + [ctypes.c_float, pointer],
+        "gemm_pair": [pointer] * 11,
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -142,6 +143,33 @@ def library() -> ctypes.CDLL | None:
                         _status = f"native kernels unavailable ({error}); using the torch implementation"
                         logger.info(_status)
     return _library
+
+
+_blas: tuple[int, int] | bool | None = False  # False: not looked up yet
+
+
+def blas_addresses() -> tuple[int, int] | None:
+    """Addresses of ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` in the MKL torch links, for
+    ``gemm_pair``; None when torch's BLAS is not MKL or does not export them (then use torch's matmul).
+    """
+    global _blas
+    if _blas is False:
+        _blas = None
+        try:
+            import torch
+
+            if torch.backends.mkl.is_available() and library() is not None:
+                lib_dir = Path(torch.__file__).parent / "lib"
+                candidates = sorted(lib_dir.glob("libtorch_cpu.*"))
+                if candidates:
+                    torch_cpu = ctypes.CDLL(str(candidates[0]))
+                    sgemm = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+                    set_threads = ctypes.cast(torch_cpu.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
+                    if sgemm and set_threads:
+                        _blas = (sgemm, set_threads)
+        except (OSError, AttributeError) as error:
+            logger.info("torch's MKL sgemm not reachable (%s); using torch's matmul", error)
+    return _blas
 
 
 def native_status() -> str:

@@ -20,6 +20,7 @@ autograd path of :meth:`VAEModule.loss`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import weakref
 from dataclasses import dataclass
@@ -174,6 +175,38 @@ def fused_loss(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
     return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl)
 
 
+def _gemm_pair(*products) -> bool:
+    """Two products ``out = alpha op(a) op(b) + beta out`` side by side, one per core, each a
+    single-threaded MKL call (``sclatent/_native/gemm_pair.c`` says why); False, computing
+    nothing, when torch's MKL is not reachable.
+
+    Each product is ``(out, a, transpose_a, b, transpose_b, alpha, beta)`` with row-major float32
+    matrices of unit column stride (column slices allowed); ``op(a)`` is ``a.T`` if ``transpose_a``.
+    """
+    addresses = _native.blas_addresses()
+    if addresses is None or torch.get_num_threads() < 2:  # (one thread allowed: torch's own matmul)
+        return False
+    shape, pointers = [], []
+    for out, a, transpose_a, b, transpose_b, _, _ in products:
+        inner = a.shape[0] if transpose_a else a.shape[1]
+        shape += [int(transpose_a), int(transpose_b), out.shape[0], out.shape[1], inner]
+        shape += [a.stride(0), b.stride(0), out.stride(0)]
+        pointers.append((a.data_ptr(), b.data_ptr(), out.data_ptr()))
+    shape_array = (ctypes.c_int64 * 16)(*shape)
+    alphas = (ctypes.c_float * 2)(*(float(p[5]) for p in products))
+    betas = (ctypes.c_float * 2)(*(float(p[6]) for p in products))
+    _native.library().gemm_pair(
+        addresses[0],
+        addresses[1],
+        ctypes.addressof(shape_array),
+        ctypes.addressof(alphas),
+        ctypes.addressof(betas),
+        *pointers[0],
+        *pointers[1],
+    )
+    return True
+
+
 def _ptr(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.data_ptr()
 
@@ -315,7 +348,15 @@ def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
     pre_dec = torch.addmm(dec.bias, z, dec.weight.t())
     _add_embeddings(pre_dec, dec, codes)
     hidden_dec, xhat_dec, gate_dec, rstd_dec = _normalise(kernel, dec, pre_dec, None)
-    heads = torch.addmm(spec.out_bias, hidden_dec, spec.out_weight.t())
+    # the largest product, (B, H) x (H, G or 2G): its two column halves side by side
+    heads = spec.out_bias.expand(n_cells, -1).contiguous()
+    half = heads.shape[1] // 2
+    out_weight = spec.out_weight
+    if not _gemm_pair(
+        (heads[:, :half], hidden_dec, False, out_weight[:half], True, 1.0, 1.0),
+        (heads[:, half:], hidden_dec, False, out_weight[half:], True, 1.0, 1.0),
+    ):
+        heads.addmm_(hidden_dec, out_weight.t())
     log_library = torch.log(batch.library.clamp(min=1.0))
     log_likelihood, grad_heads, _, grad_log_theta = native_softmax_nb(
         kernel, heads, spec.n_genes, log_library, spec.log_theta, row_ptr, cols, counts, True
@@ -355,10 +396,20 @@ def _backward(spec: _Spec, saved: _Saved, weight_rec: torch.Tensor, weight_kl: t
     # reconstruction = -log p, so d/d heads = -weight_rec * grad_heads, row by row; the row
     # weights are applied to the (B, H) side of each product, never to the (B, 2G) matrix
     row_scale = weight_rec.neg()
-    grad_out_weight = torch.mm(saved.grad_heads.t(), saved.hidden_dec * row_scale.unsqueeze(1))
-    grad_out_bias = torch.mv(saved.grad_heads.t(), row_scale)
+    scaled_hidden_dec = saved.hidden_dec * row_scale.unsqueeze(1)
+    grad_heads = saved.grad_heads
+    grad_out_weight = torch.empty_like(spec.out_weight)
+    grad_hidden_dec = torch.empty_like(saved.hidden_dec)
+    # the two (G or 2G, B) x (B, H)-sized products of the output layer, side by side
+    if not _gemm_pair(
+        (grad_out_weight, grad_heads, True, scaled_hidden_dec, False, 1.0, 0.0),
+        (grad_hidden_dec, grad_heads, False, spec.out_weight, False, 1.0, 0.0),
+    ):
+        torch.mm(grad_heads.t(), scaled_hidden_dec, out=grad_out_weight)
+        torch.mm(grad_heads, spec.out_weight, out=grad_hidden_dec)
+    grad_hidden_dec.mul_(row_scale.unsqueeze(1))
+    grad_out_bias = torch.mv(grad_heads.t(), row_scale)
     grad_log_theta = torch.mv(saved.grad_log_theta.t(), row_scale).unsqueeze(0)
-    grad_hidden_dec = torch.mm(saved.grad_heads, spec.out_weight).mul_(row_scale.unsqueeze(1))
 
     grad_pre_dec, grad_gamma_dec, grad_beta_dec = _normalise_backward(
         kernel, dec, grad_hidden_dec, saved.xhat_dec, saved.gate_dec, saved.rstd_dec
