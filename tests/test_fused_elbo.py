@@ -259,3 +259,16 @@ def test_side_by_side_products_equal_torch_matmul():
         assert not _gemm_pair(job, job)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_layer_replaced_after_the_first_step_is_seen(data, monkeypatch):
+    """The fused pass caches what it reads from the module; a new output layer must not be missed."""
+    batch = _minibatch(_cell_data(data))
+    module, reference = _module(), _module()
+    _loss(module, batch, True, monkeypatch)
+    for target in (module, reference):
+        torch.manual_seed(5)
+        target.decoder.out = torch.nn.Linear(32, 120)
+    fused = _loss(module, batch, True, monkeypatch)
+    expected = _loss(reference, batch, False, monkeypatch)
+    torch.testing.assert_close(fused.loss, expected.loss, rtol=1e-5, atol=1e-4)

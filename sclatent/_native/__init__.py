@@ -3,9 +3,12 @@
 Why C and not torch ops: the count likelihood is ~40 elementwise passes over a ``(B, G)`` matrix in
 torch, each paying dispatch and a memory round trip, and torch evaluates ``lgamma``/``digamma``
 without vectorisation. One C pass per row, with glibc's vectorised ``exp``/``log``, makes the
-likelihood ~8x faster on CPU (``benchmarks/profile_step.py``), the difference between ~2.4x and
-~5x scvi-tools' epoch throughput. Why not a torch C++ extension: compiling against torch's headers
-takes a minute and needs ninja; this file compiles in under a second with plain ``cc``.
+likelihood ~8x faster on CPU (``benchmarks/profile_step.py``). The count VAE's training step
+(:mod:`sclatent.modules.fused_elbo`) also runs its BatchNorm-ReLU-dropout layers and Gaussian head
+here, forward and backward, and its output layer's products as two single-threaded MKL calls side
+by side (``gemm_pair.c``, with torch's own ``sgemm_``). Why not a torch C++ extension: compiling
+against torch's headers takes a minute and needs ninja; these files compile in about a second
+with plain ``cc``.
 
 Everything here is optional. Without a C compiler (or on a platform where the build fails, or with
 ``SCLATENT_NATIVE=0``) the torch implementation in :mod:`sclatent.distributions` runs instead,

@@ -123,9 +123,12 @@ def fused_spec(module, batch: MiniBatch) -> _Spec | None:
         return None
     if batch.continuous_covariates.shape[-1] or batch.nz_val.device.type != "cpu":
         return None
-    if module not in _specs:
-        _specs[module] = _structure(module)
-    spec = _specs[module]
+    # keyed also by the parameters' identities: a layer replaced after the first call rebuilds it
+    identities = tuple(map(id, module.parameters()))
+    cached = _specs.get(module)
+    if cached is None or cached[0] != identities:
+        cached = _specs[module] = (identities, _structure(module))
+    spec = cached[1]
     if spec is None or spec.out_weight.device.type != "cpu" or spec.out_weight.dtype != torch.float32:
         return None
     # (a module moved to another device or dtype moves every parameter; checking one is enough)
