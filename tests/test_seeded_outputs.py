@@ -134,8 +134,9 @@ def case_cell_gan() -> dict:
     CellGAN.setup_anndata(adata, labels_key="cell_type")
     model = CellGAN(adata, n_noise=8, generator_hidden=(32,), critic_hidden=(32,), n_critic=2, seed=5)
     model.train(max_epochs=2, batch_size=64, progress_bar=False)
-    synthetic = model.sample(12, seed=0)
-    return {"train_loss": _train_losses(model), "sample": _numbers(synthetic.X.toarray() if hasattr(synthetic.X, "toarray") else synthetic.X)}
+    counts = model.sample(12, seed=0).X
+    counts = counts.toarray() if hasattr(counts, "toarray") else counts
+    return {"train_loss": _train_losses(model), "sample": _numbers(counts)}
 
 
 # ----------------------------------------------------------------------------- image / vector models
