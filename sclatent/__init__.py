@@ -1,7 +1,7 @@
 """sclatent: deep latent-variable models for single-cell counts, AnnData-native."""
 
-__version__ = "0.1.0"
-
 from . import data, datasets, distributions, images, model, modules, nn
+from ._persistence import ModelLoadError
+from ._version import __version__
 
-__all__ = ["__version__", "data", "datasets", "distributions", "images", "model", "modules", "nn"]
+__all__ = ["ModelLoadError", "__version__", "data", "datasets", "distributions", "images", "model", "modules", "nn"]

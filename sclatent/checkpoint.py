@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +337,8 @@ __all__ = [
     "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT_VERSION",
     "CheckpointError",
+    "LoopState",
+    "RunCheckpoint",
     "checkpoint_path",
     "has_checkpoint",
     "is_checkpoint_writer",
@@ -343,3 +346,155 @@ __all__ = [
     "run_fingerprint",
     "save_checkpoint",
 ]
+
+
+# --------------------------------------------------------------------------- one run's checkpoint
+
+
+@dataclass
+class LoopState:
+    """Where the epoch loop of :func:`sclatent.train.fit` stands after a completed epoch.
+
+    Attributes
+    ----------
+    epoch
+        Completed epochs.
+    stopped
+        Whether early stopping ended the run at ``epoch``.
+    global_step
+        Minibatches trained on so far, over all epochs (an adversarial module's step schedule).
+    history
+        The per-epoch records so far.
+    best, epochs_without_improvement, best_state
+        Early stopping's state (best monitored value as a loss, epochs since, parameters then).
+    """
+
+    epoch: int = 0
+    stopped: bool = False
+    global_step: int = 0
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best: float = math.inf
+    epochs_without_improvement: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+class RunCheckpoint:
+    """Saving and resuming one training run between epochs, in ``directory/checkpoint.pt``.
+
+    Parameters
+    ----------
+    directory
+        The run's checkpoint folder.
+    fingerprint
+        :func:`run_fingerprint` of the run: a file with another fingerprint is refused.
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: Fingerprint) -> None:
+        self.directory, self.fingerprint = Path(directory), fingerprint
+
+    def resume(
+        self,
+        module: torch.nn.Module,
+        optimizers: Mapping[str, Any],
+        generator: torch.Generator,
+        max_epochs: int,
+        distributed=None,
+        noise_generator: torch.Generator | None = None,
+    ) -> LoopState | None:
+        """Load the checkpoint into ``module``, ``optimizers`` and the generators; None if there is none.
+
+        In a distributed run each rank gets back its own generator states (and ``noise_generator``'s)
+        when the checkpoint was written by as many ranks; otherwise see :func:`restore_rng_state`.
+        """
+        state = load_checkpoint(self.directory, self.fingerprint)
+        if state is None:
+            return None
+        path = checkpoint_path(self.directory)
+        if state["epoch"] > max_epochs:
+            raise CheckpointError(
+                f"{path} holds {state['epoch']} trained epochs, more than max_epochs={max_epochs}. "
+                f"Pass max_epochs >= {state['epoch']}, delete {path}, or pass another checkpoint_dir."
+            )
+        try:
+            device = _device_of(module)
+            module.load_state_dict(state["module"])
+            if set(state["optimizers"]) != set(optimizers):
+                raise ValueError(f"optimisers {sorted(state['optimizers'])}, expected {sorted(optimizers)}")
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(state["optimizers"][name])
+            restore_rng_state(state["rng"], device, generator, distributed, noise_generator)
+            stopping = state["early_stopping"]
+            best_state = stopping["best_state"]
+            return LoopState(
+                epoch=int(state["epoch"]),
+                stopped=bool(state["stopped"]),
+                global_step=int(state["global_step"]),
+                history=state["history"],
+                best=float(stopping["best"]),
+                epochs_without_improvement=int(stopping["epochs_without_improvement"]),
+                best_state=None if best_state is None else {k: v.to(device) for k, v in best_state.items()},
+            )
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(
+                f"{path} matches this run but its state cannot be restored ({error!r}). "
+                f"Delete {path} to start from scratch, or pass another checkpoint_dir."
+            ) from None
+
+    def save(
+        self,
+        module: torch.nn.Module,
+        optimizers: Mapping[str, Any],
+        generator: torch.Generator,
+        loop: LoopState,
+        distributed=None,
+        noise_generator: torch.Generator | None = None,
+    ) -> None:
+        """Write everything the epoch after ``loop.epoch`` depends on.
+
+        In a distributed run every rank must call this: the ranks' own generator states are
+        gathered, rank 0 writes, and all wait until the file is in place (so a following ``fit`` on
+        any rank reads this epoch's checkpoint).
+        """
+        rng = rng_state(_device_of(module), generator)
+        if distributed is not None:
+            own = {
+                "torch": rng["torch"],
+                "cuda": rng["cuda"],
+                "noise": None if noise_generator is None else noise_generator.get_state(),
+            }
+            rng["ranks"] = distributed.gather_objects(own)
+        if is_checkpoint_writer():
+            best_state = loop.best_state
+            save_checkpoint(
+                self.directory,
+                {
+                    "fingerprint": self.fingerprint,
+                    "epoch": loop.epoch,
+                    "stopped": loop.stopped,
+                    "global_step": loop.global_step,
+                    # numbers as Python floats and ints: a NumPy scalar would not pass weights_only
+                    "history": {k: [_plain_number(v) for v in values] for k, values in loop.history.items()},
+                    "early_stopping": {
+                        "best": float(loop.best),
+                        "epochs_without_improvement": int(loop.epochs_without_improvement),
+                        "best_state": None if best_state is None else {k: v.cpu() for k, v in best_state.items()},
+                    },
+                    "module": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+                    "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                    "rng": rng,
+                },
+            )
+        if distributed is not None:
+            distributed.barrier()
+
+
+def _plain_number(value):
+    """A NumPy or 0-d tensor number as the Python number it holds; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic | torch.Tensor) else value
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), torch.empty(0))
+    return tensor.device
