@@ -244,10 +244,10 @@ def test_dense_on_disk_and_query_gene_order(files, tmp_path, small_buffers):
         reference.get_latent_representation(backed), reference.get_latent_representation(), atol=1e-6
     )
     # the library-size prior is computed from the backed matrix in row chunks
-    from sclatent.model.vae import _library_prior
+    from sclatent.data import library_log_prior
 
     for got, want in zip(
-        _library_prior(backed, reference.registry), _library_prior(memory, reference.registry), strict=True
+        library_log_prior(backed, reference.registry), library_log_prior(memory, reference.registry), strict=True
     ):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 

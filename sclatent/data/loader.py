@@ -6,13 +6,21 @@ gathered from them by row index with a handful of vectorised tensor ops, giving 
 the matrix fits on the device it is moved there once and minibatches never touch the host; on
 CPU the host *is* the device. Otherwise the CSR stays on the host and each gathered minibatch is
 copied over (pinned, non-blocking).
+
+Layering: this file imports :mod:`sclatent.data._counts` (the count matrix and its reading),
+:mod:`sclatent.data.registry` (registry, obs codes) and :mod:`sclatent.contracts` (the
+:class:`~sclatent.contracts.TrainingData` contract); ``ondisk`` and ``neighbours`` build on it.
+:meth:`CellData.from_csr` is the one place a CSR matrix and per-cell codes become tensors: the
+AnnData constructor and the on-disk buffers both go through it.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import anndata as ad
 import numpy as np
@@ -20,14 +28,22 @@ import scipy.sparse as sp
 import torch
 
 from .. import _native
-from .registry import (
-    Registry,
-    check_counts,
-    encode_categorical,
-    encode_continuous,
-    gene_order_for_query,
-    get_count_matrix,
-)
+from ..contracts import TrainingData, checked_batch_sizes, index_tensor
+from ._counts import CountSource
+from .registry import Registry, count_source, encode_categorical, encode_continuous
+
+__all__ = [
+    "CellCodes",
+    "CellData",
+    "MiniBatch",
+    "checked_batch_sizes",
+    "obs_codes",
+    "resolve_device",
+    "slice_minibatches",
+]
+
+# ``sclatent.contracts.index_tensor`` under its former name here
+_index_tensor = index_tensor
 
 # Fraction of free device memory the resident count matrix may take.
 _DEVICE_MEMORY_FRACTION = 0.5
@@ -122,23 +138,6 @@ class MiniBatch:
         return dense
 
 
-def _to_csr(matrix, column_order: np.ndarray | None) -> sp.csr_matrix:
-    """CSR float32 copy of ``matrix`` (dense input converted in row chunks, never whole)."""
-    if column_order is not None:
-        matrix = matrix[:, column_order]
-    if sp.issparse(matrix):
-        # a copy: sum_duplicates/eliminate_zeros work in place and must not touch the caller's matrix
-        csr = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
-    else:
-        chunks = [
-            sp.csr_matrix(np.asarray(matrix[i : i + 4096], dtype=np.float32)) for i in range(0, matrix.shape[0], 4096)
-        ]
-        csr = sp.vstack(chunks, format="csr")
-    csr.sum_duplicates()
-    csr.eliminate_zeros()  # stored zeros would pass for nonzero counts in the sparse likelihood
-    return csr
-
-
 def resolve_device(accelerator: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given."""
     if accelerator in ("auto", None):
@@ -151,16 +150,32 @@ def resolve_device(accelerator: str = "auto") -> torch.device:
     return device
 
 
-def obs_codes(
-    adata: ad.AnnData, registry: Registry, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+class CellCodes(NamedTuple):
+    """What a minibatch carries per cell besides the counts (tensors on one device).
+
+    ``batch_index`` ``(n,)`` int64; ``label_index`` ``(n,)`` int64 (zeros when no labels key is
+    registered or the column is absent, as in query data); ``categorical_covariates`` ``(n, K)``
+    int64; ``continuous_covariates`` ``(n, C)`` float32.
+    """
+
+    batch_index: torch.Tensor
+    label_index: torch.Tensor
+    categorical_covariates: torch.Tensor
+    continuous_covariates: torch.Tensor
+
+    def take(self, rows: torch.Tensor) -> CellCodes:
+        """The codes of cells ``rows`` (an index tensor on the codes' device)."""
+        return CellCodes(*(codes[rows] for codes in self))
+
+
+def obs_codes(adata: ad.AnnData, registry: Registry, device: torch.device) -> CellCodes:
     """The per-cell inputs a minibatch carries besides the counts, on ``device``.
 
     Returns
     -------
-    ``(batch_index, label_index, categorical_covariates, continuous_covariates)``: ``(n,)`` int64,
-    ``(n,)`` int64 (zeros when no key is registered or the labels column is absent, as in query
-    data), ``(n, K)`` int64 and ``(n, C)`` float32.
+    ``(batch_index, label_index, categorical_covariates, continuous_covariates)`` (a
+    :class:`CellCodes`): ``(n,)`` int64, ``(n,)`` int64 (zeros when no key is registered or the
+    labels column is absent, as in query data), ``(n, K)`` int64 and ``(n, C)`` float32.
     """
     n_cells = adata.n_obs
 
@@ -183,7 +198,7 @@ def obs_codes(
     ]
     categorical = np.stack(cats, axis=1) if cats else np.zeros((n_cells, 0), dtype=np.int64)
     continuous = encode_continuous(adata, registry.continuous_covariate_keys)
-    return on_device(batch_index), on_device(label_index), on_device(categorical), on_device(continuous)
+    return CellCodes(on_device(batch_index), on_device(label_index), on_device(categorical), on_device(continuous))
 
 
 def slice_minibatches(block: MiniBatch, sizes: Sequence[int]) -> Iterator[MiniBatch]:
@@ -195,7 +210,36 @@ def slice_minibatches(block: MiniBatch, sizes: Sequence[int]) -> Iterator[MiniBa
         offset += size
 
 
-class CellData:
+# Counts below this get log(k!) from a table: lgamma in double precision was half the time of
+# building an on-disk buffer. The table holds the same float32 numbers lgamma gives.
+_LOG_FACTORIAL_TABLE_SIZE = 2**16
+_log_factorial_table: dict[torch.device, torch.Tensor] = {}
+
+
+def _log_factorial(values: torch.Tensor) -> torch.Tensor:
+    """``(nnz,)`` float32 ``lgamma(values + 1)``, computed in double precision (looked up for small counts)."""
+    if values.numel():
+        top = float(values.max())
+        if top < _LOG_FACTORIAL_TABLE_SIZE and float(values.min()) >= 0 and bool((values == values.floor()).all()):
+            table = _log_factorial_table.get(values.device)
+            if table is None:
+                whole = torch.arange(_LOG_FACTORIAL_TABLE_SIZE, dtype=torch.float64, device=values.device)
+                table = _log_factorial_table[values.device] = torch.lgamma(whole + 1.0).float()
+            return table[values.long()]
+    return torch.lgamma(values.double() + 1.0).float()
+
+
+@dataclass
+class _CSRCells:
+    """What :meth:`CellData.from_csr` hands to ``CellData.__init__``."""
+
+    csr: sp.csr_matrix
+    codes: CellCodes
+    library: torch.Tensor | None
+    storage_note: str
+
+
+class CellData(TrainingData):
     """The cells of a registered AnnData as tensors, ready to be cut into minibatches.
 
     Parameters
@@ -210,47 +254,101 @@ class CellData:
         Keep the CSR matrix on ``device``; ``None`` decides from its size and free memory.
     validate
         Check the counts (done already by ``setup_anndata`` for the training data).
+    source
+        The counts of ``adata`` already located (:func:`sclatent.data.registry.count_source`);
+        default: located here. A matrix on disk is read into memory once.
+
+    :meth:`from_csr` builds one from a cleaned CSR matrix and per-cell codes instead (the on-disk
+    buffers). ``source`` is kept (None for :meth:`from_csr`), so that what else reads the counts
+    (a kNN table) needs not locate them again.
     """
 
     def __init__(
         self,
-        adata: ad.AnnData,
-        registry: Registry,
+        adata: ad.AnnData | None,
+        registry: Registry | None,
         device: torch.device | str = "cpu",
         on_device: bool | None = None,
         validate: bool = True,
+        *,
+        source: CountSource | None = None,
+        _cells: _CSRCells | None = None,
     ) -> None:
         self.device = torch.device(device)
-        matrix, where = get_count_matrix(adata, registry.layer)
-        from .ondisk import is_on_disk, load_into_memory  # (ondisk builds on this module)
+        self.source = source
+        if _cells is None:  # read the AnnData (from_csr passes its arrays instead)
+            source = count_source(adata, registry) if source is None else source
+            self.source = source
+            # a backed h5ad / zarr small enough to hold (see ondisk.make_cell_data): read it once
+            loaded = source.in_memory()
+            if validate:
+                loaded.check(registry.allow_non_integer)
+            csr = loaded.to_csr()
+            note = "loaded from disk into memory" if source.on_disk else ""
+            _cells = _CSRCells(csr, obs_codes(adata, registry, self.device), None, note)
+        self._store(_cells, on_device)
 
-        if is_on_disk(matrix):  # backed h5ad / zarr small enough to hold: see ondisk.make_cell_data
-            matrix = load_into_memory(matrix)
-        order = gene_order_for_query(adata, registry)
-        if validate:
-            check_counts(matrix if order is None else matrix[:, order], where, registry.allow_non_integer)
-        csr = _to_csr(matrix, order)
-        self.n_cells, self.n_genes = csr.shape
+    @classmethod
+    def from_csr(
+        cls,
+        csr: sp.csr_matrix,
+        codes: CellCodes | Sequence[torch.Tensor],
+        device: torch.device | str = "cpu",
+        on_device: bool | None = None,
+        library: torch.Tensor | None = None,
+        storage_note: str = "",
+    ) -> CellData:
+        """Cells from a cleaned CSR matrix (float32, no duplicates or stored zeros:
+        :func:`sclatent.data._counts.clean_csr`) and their codes.
+
+        Parameters
+        ----------
+        csr
+            ``(n_cells, n_genes)`` counts, in the model's gene order.
+        codes
+            ``(batch_index, label_index, categorical_covariates, continuous_covariates)`` of the
+            cells (:class:`CellCodes`, as :func:`obs_codes` makes them), on ``device``.
+        device, on_device
+            As for the constructor.
+        library
+            ``(n_cells,)`` float32 total counts on ``device``; default: summed from ``csr``.
+        storage_note
+            Where the cells came from, shown in the progress bar.
+        """
+        codes = CellCodes(*codes)
+        return cls(None, None, device, on_device, _cells=_CSRCells(csr, codes, library, storage_note))
+
+    def _store(self, cells: _CSRCells, on_device: bool | None) -> None:
+        csr = cells.csr
+        self._n_cells, self.n_genes = csr.shape
         self.nnz = int(csr.nnz)
+        self.storage_note = cells.storage_note
         self.on_device = self._decide_on_device(on_device)
         storage = self.device if self.on_device else torch.device("cpu")
         self._indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(storage)
         self._indices = torch.from_numpy(csr.indices.astype(np.int64)).to(storage)
         self._values = torch.from_numpy(csr.data).to(storage)
         # a constant of the data, needed by every likelihood evaluation: compute it once
-        self._log_factorial = torch.lgamma(self._values.double() + 1.0).float()
+        self._log_factorial = _log_factorial(self._values)
         if not self.on_device and self.device.type == "cuda":
             self._values = self._values.pin_memory()
             self._indices = self._indices.pin_memory()
             self._log_factorial = self._log_factorial.pin_memory()
-
-        self.library = torch.from_numpy(np.asarray(csr.sum(axis=1), dtype=np.float32).ravel()).to(self.device)
+        if cells.library is None:
+            library = torch.from_numpy(np.asarray(csr.sum(axis=1), dtype=np.float32).ravel())
+        else:
+            library = cells.library
+        self.library = library.to(self.device)
         (
             self.batch_index,
             self.label_index,
             self.categorical_covariates,
             self.continuous_covariates,
-        ) = obs_codes(adata, registry, self.device)
+        ) = cells.codes
+
+    @property
+    def n_cells(self) -> int:
+        return self._n_cells
 
     def _decide_on_device(self, on_device: bool | None) -> bool:
         if on_device is not None or self.device.type != "cuda":
@@ -263,6 +361,11 @@ class CellData:
     def nonempty_cells(self) -> np.ndarray:
         """Indices of cells with at least one count."""
         return np.flatnonzero(self.library.cpu().numpy() > 0)
+
+    def with_labels(self, codes: np.ndarray | torch.Tensor) -> CellData:
+        """A shallow copy whose ``label_index`` is ``codes`` (``(n_cells,)`` ints): e.g. another
+        obs column's classes for fine-tuning. The counts and other codes are shared, not copied."""
+        return _with_labels(self, codes)
 
     def gather(self, cell_index: torch.Tensor) -> MiniBatch:
         """The minibatch of cells ``cell_index`` (``(B,)`` int64, any device)."""
@@ -330,16 +433,6 @@ class CellData:
             cell_index=cell_index,
         )
 
-    def epoch_order(self, cells: np.ndarray | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(n,)`` int64 ``cells`` in a seeded random order: the order of ``iterate(cells, shuffle=True)``.
-
-        Drawn with the same generator calls as a shuffled :meth:`iterate`, so a distributed epoch
-        (every rank draws this order from a shared generator, then takes its part) visits the cells
-        in the order one process would.
-        """
-        cells = _index_tensor(cells)
-        return cells[torch.randperm(cells.numel(), generator=generator)]
-
     def iterate(
         self,
         cells: np.ndarray | torch.Tensor,
@@ -357,7 +450,7 @@ class CellData:
         """
         if shuffle:
             cells = self.epoch_order(cells, generator)
-        cells = _index_tensor(cells).to(self.device)
+        cells = index_tensor(cells).to(self.device)
         n = cells.numel()
         if batch_sizes is not None:
             yield from self._iterate_sizes(cells, checked_batch_sizes(batch_sizes, n))
@@ -385,19 +478,11 @@ class CellData:
             first, begin = last, begin + count
 
 
-def _index_tensor(cells: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``cells`` as an int64 tensor (a tensor stays on its device)."""
-    if torch.is_tensor(cells):
-        return cells.to(torch.int64)
-    return torch.as_tensor(np.asarray(cells), dtype=torch.int64)
-
-
-def checked_batch_sizes(batch_sizes: Sequence[int], n_cells: int) -> list[int]:
-    """``batch_sizes`` as ints, after checking they are positive and cover the ``n_cells`` cells."""
-    sizes = [int(s) for s in batch_sizes]
-    if any(s < 1 for s in sizes) or sum(sizes) != n_cells:
-        raise ValueError(
-            f"batch_sizes must be positive and sum to the number of cells ({n_cells}), got {len(sizes)} sizes "
-            f"summing to {sum(sizes)}."
-        )
-    return sizes
+def _with_labels(data, codes: np.ndarray | torch.Tensor):
+    """A shallow copy of ``data`` (cells in memory or on disk) with ``label_index`` set to ``codes``."""
+    labels = torch.as_tensor(np.asarray(codes) if not torch.is_tensor(codes) else codes, dtype=torch.int64)
+    if labels.shape != (data.n_cells,):
+        raise ValueError(f"expected one label code per cell ({data.n_cells},), got shape {tuple(labels.shape)}.")
+    labelled = copy.copy(data)
+    labelled.label_index = labels.to(data.device)
+    return labelled

@@ -5,9 +5,10 @@ keeps its count matrix on disk as CSR (``indptr``, ``indices``, ``data`` arrays)
 matrix would not fit comfortably in RAM, :func:`make_cell_data` returns an
 :class:`OnDiskCellData`, which has the interface the trainer and the models use from
 :class:`~sclatent.data.CellData` (``iterate``, ``epoch_order``, ``gather``, ``n_cells``,
-``n_genes``, ``nonempty_cells``, ``library`` and the per-cell codes) but reads the matrix in
-contiguous row ranges, a buffer at a time; otherwise the matrix is loaded and the in-memory
-:class:`~sclatent.data.CellData` is used (the default path when the data fit).
+``n_genes``, ``nonempty_cells``, ``with_labels``, ``library`` and the per-cell codes: both are
+:class:`~sclatent.contracts.TrainingData`) but reads the matrix in contiguous row ranges, a
+buffer at a time; otherwise the matrix is loaded and the in-memory :class:`~sclatent.data.CellData`
+is used (the default path when the data fit).
 
 Epoch order (block sampling, as in scDataset): the sorted cells are cut into blocks of
 ``block_size`` consecutive cells, the blocks are put in a seeded random order, and each run of
@@ -36,6 +37,11 @@ library size, 4; batch and label codes, 8 each; the covariates; the cell order o
 10 million cells take about 360 MB. The count matrix itself is never loaded: at most one buffer
 (``block_size * fetch_factor`` cells, plus up to ``merge_gap`` skipped rows per contiguous run)
 is held at a time.
+
+Layering: this file imports :mod:`sclatent.data._counts` (on-disk reading: :class:`DiskMatrix`,
+``is_on_disk``, ``load_into_memory``, ``row_totals``, re-exported here), ``registry`` and
+``loader`` (a buffer is a small :class:`~sclatent.data.CellData` made by ``CellData.from_csr``);
+only ``neighbours`` builds on it.
 """
 
 from __future__ import annotations
@@ -52,22 +58,38 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .loader import CellData, MiniBatch, checked_batch_sizes, obs_codes, slice_minibatches
-from .registry import (
-    Registry,
-    SetupError,
-    check_counts,
-    gene_order_for_query,
-    get_count_matrix,
+from ..contracts import TrainingData, minibatch_sizes
+from ._counts import (
+    CountSource,
+    DiskMatrix,
+    clean_csr,
+    is_on_disk,
+    load_into_memory,
+    refuse_csc,
+    row_totals,
 )
+from .loader import CellData, MiniBatch, _with_labels, obs_codes, slice_minibatches
+from .registry import Registry, check_counts, count_source
+
+__all__ = [
+    "DiskMatrix",
+    "MatrixWriter",
+    "OnDiskCellData",
+    "OnDiskSettings",
+    "available_memory",
+    "is_on_disk",
+    "load_into_memory",
+    "make_cell_data",
+    "ondisk_settings",
+    "read_backed",
+    "refuse_csc",
+    "row_totals",
+]
 
 logger = logging.getLogger("sclatent")
 
-# Bytes of memory the in-memory CellData takes per stored nonzero: int64 column index, float32
-# value and log-factorial on the tensors, plus the float32 CSR built on the way (4 + 4).
-_IN_MEMORY_BYTES_PER_NONZERO = 24
-# Rows read per step of a full pass (validation, library sizes, loading into memory).
-_PASS_ROWS = 4096
+# ``sclatent.contracts.minibatch_sizes`` under its former name here
+_minibatch_sizes = minibatch_sizes
 
 
 @dataclass
@@ -110,128 +132,6 @@ ondisk_settings = OnDiskSettings()
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def is_on_disk(matrix) -> bool:
-    """Whether ``matrix`` is a count matrix still on disk (backed h5ad or zarr: sparse or dense)."""
-    if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset):
-        return True
-    import h5py
-
-    if isinstance(matrix, h5py.Dataset):
-        return True
-    try:
-        import zarr
-    except ImportError:  # pragma: no cover - zarr ships with anndata
-        return False
-    return isinstance(matrix, zarr.Array)
-
-
-def refuse_csc(matrix, where: str) -> None:
-    """Raise a :class:`SetupError` naming the fix when ``matrix`` is CSC on disk."""
-    if isinstance(matrix, ad.abc.CSCDataset):
-        raise SetupError(
-            f"{where} is stored on disk as CSC (column-compressed): reading any cell means reading every "
-            "column. Rewrite it as CSR once: adata = anndata.read_h5ad(path); adata.X = adata.X.tocsr(); "
-            "adata.write_h5ad(new_path) (likewise for a layer), then open new_path with backed='r'; or load it "
-            "into memory with anndata.read_h5ad(path)."
-        )
-
-
-class DiskMatrix:
-    """Contiguous row ranges of an on-disk count matrix, as scipy CSR.
-
-    Reads the raw ``indptr`` / ``indices`` / ``data`` arrays of a CSR group directly: two array
-    slices per row range. Measured on a 60k x 2k CSR h5ad (page cache warm), this is 3.6x faster
-    than anndata's ``CSRDataset`` row slicing on 4096-row ranges and ~30x on 64-row ranges (390k vs
-    12k rows/s). ``indptr`` (8 bytes per cell) is read once and kept in memory. Dense on-disk
-    arrays (h5py or zarr) are read by row ranges and sparsified.
-
-    Parameters
-    ----------
-    matrix
-        ``anndata.abc.CSRDataset`` or a 2-D h5py/zarr array.
-    where
-        Name of the matrix for messages (``"adata.X"``).
-    """
-
-    def __init__(self, matrix, where: str = "the count matrix") -> None:
-        refuse_csc(matrix, where)
-        self.shape = tuple(int(s) for s in matrix.shape)
-        self.dtype = np.dtype(matrix.dtype)
-        self.sparse = isinstance(matrix, ad.abc.CSRDataset)
-        if self.sparse:
-            group = matrix.group
-            self._indptr = np.asarray(group["indptr"][:], dtype=np.int64)
-            self._data = group["data"]
-            self._indices = group["indices"]
-            self.nnz = int(self._indptr[-1])
-        else:
-            self._array = matrix
-            self._indptr = None
-            self.nnz = None  # unknown without a pass; see csr_bytes
-
-    @property
-    def disk_bytes(self) -> int:
-        """Bytes of the matrix's arrays (uncompressed)."""
-        if self.sparse:
-            return self.nnz * (self.dtype.itemsize + 4) + self._indptr.nbytes
-        return self.shape[0] * self.shape[1] * self.dtype.itemsize
-
-    @property
-    def in_memory_bytes(self) -> int:
-        """Estimated bytes the in-memory :class:`CellData` of this matrix takes (dense: as if all nonzero)."""
-        nnz = self.nnz if self.sparse else self.shape[0] * self.shape[1]
-        return nnz * _IN_MEMORY_BYTES_PER_NONZERO + (self.shape[0] + 1) * 16
-
-    def read(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as CSR, in the stored dtype."""
-        return self.read_runs(np.array([start]), np.array([stop]))
-
-    def read_runs(self, starts: np.ndarray, stops: np.ndarray) -> sp.csr_matrix:
-        """Rows ``starts[0]:stops[0]``, then ``starts[1]:stops[1]``, ... stacked as one CSR.
-
-        Each run costs one slice of ``indices`` and one of ``data`` (sparse) or one row slice (dense).
-        """
-        n_rows = int((stops - starts).sum())
-        if not self.sparse:
-            blocks = [np.asarray(self._array[a:z]) for a, z in zip(starts.tolist(), stops.tolist(), strict=True)]
-            dense = np.concatenate(blocks) if blocks else np.zeros((0, self.shape[1]), self.dtype)
-            return sp.csr_matrix(dense)
-        datas, indices, lengths = [], [], []
-        for a, z in zip(starts.tolist(), stops.tolist(), strict=True):
-            lo, hi = int(self._indptr[a]), int(self._indptr[z])
-            datas.append(self._data[lo:hi])
-            indices.append(self._indices[lo:hi])
-            lengths.append(np.diff(self._indptr[a : z + 1]))
-        indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        if lengths:
-            np.cumsum(np.concatenate(lengths), out=indptr[1:])
-        data = np.concatenate(datas) if datas else np.zeros(0, self.dtype)
-        index = np.concatenate(indices) if indices else np.zeros(0, np.int32)
-        return sp.csr_matrix((data, index, indptr), shape=(n_rows, self.shape[1]))
-
-    def chunks(self, rows: int = _PASS_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """``(start, rows start:start+rows as CSR)`` over the whole matrix, in order."""
-        for start in range(0, self.shape[0], rows):
-            yield start, self.read(start, min(self.shape[0], start + rows))
-
-
-def load_into_memory(matrix) -> sp.csr_matrix:
-    """An on-disk count matrix read whole into a scipy CSR (in row chunks, stored dtype)."""
-    reader = DiskMatrix(matrix)
-    if reader.sparse:
-        return reader.read(0, reader.shape[0])
-    return sp.vstack([chunk for _, chunk in reader.chunks()], format="csr")
-
-
-def row_totals(matrix) -> np.ndarray:
-    """``(n_cells,)`` float64 total counts of an on-disk matrix, read in row chunks."""
-    reader = DiskMatrix(matrix)
-    totals = np.zeros(reader.shape[0])
-    for start, chunk in reader.chunks():
-        totals[start : start + chunk.shape[0]] = np.asarray(chunk.sum(axis=1, dtype=np.float64)).ravel()
-    return totals
 
 
 def read_backed(path: str | os.PathLike) -> ad.AnnData:
@@ -302,6 +202,7 @@ def make_cell_data(
     on_device: bool | None = None,
     validate: bool = True,
     in_memory: bool | None = None,
+    source: CountSource | None = None,
 ) -> CellData | OnDiskCellData:
     """The cells of ``adata``: in memory (:class:`CellData`) unless the matrix is on disk and too big.
 
@@ -315,11 +216,14 @@ def make_cell_data(
     ----------
     in_memory
         Force the choice (True: load, False: stream); None decides from the size.
+    source
+        The counts of ``adata`` already located (:func:`sclatent.data.registry.count_source`);
+        default: located here, once, and handed to the cells (``data.source``).
     """
-    matrix, where = get_count_matrix(adata, registry.layer)
-    if not is_on_disk(matrix):
-        return CellData(adata, registry, device, on_device, validate=validate)
-    reader = DiskMatrix(matrix, where)  # refuses CSC with the fix
+    source = count_source(adata, registry) if source is None else source
+    if not source.on_disk:
+        return CellData(adata, registry, device, on_device, validate=validate, source=source)
+    reader = source.reader()  # refuses CSC with the fix
     needed = reader.in_memory_bytes
     if in_memory is None:
         limit = ondisk_settings.in_memory_max_bytes
@@ -333,7 +237,7 @@ def make_cell_data(
     choice = "loading it into memory" if in_memory else "streaming it from disk"
     logger.info(
         "sclatent: %s is on disk (%d cells x %d genes, %s, %s on disk, ~%s in memory; %s): %s.",
-        where,
+        source.where,
         reader.shape[0],
         reader.shape[1],
         layout,
@@ -342,61 +246,15 @@ def make_cell_data(
         reason,
         choice,
     )
-    if in_memory:
-        data = CellData(adata, registry, device, on_device, validate=validate)
-        data.storage_note = "loaded from disk into memory"
-    else:
-        data = OnDiskCellData(adata, registry, device, validate=validate)
-    return data
+    if in_memory:  # storage_note "loaded from disk into memory"
+        return CellData(adata, registry, device, on_device, validate=validate, source=source)
+    return OnDiskCellData(adata, registry, device, validate=validate, source=source, reader=reader)
 
 
 # ----------------------------------------------------------------------------- the cells
 
 
-# Counts below this get log(k!) from a table: lgamma in double precision was half the time of
-# building a buffer. The table holds the same float32 numbers the in-memory path computes.
-_LOG_FACTORIAL_TABLE_SIZE = 2**16
-_log_factorial_table: dict[torch.device, torch.Tensor] = {}
-
-
-def _log_factorial(values: torch.Tensor) -> torch.Tensor:
-    """``lgamma(values + 1)`` as float32, exactly as :class:`CellData` computes it (``(nnz,)``)."""
-    if values.numel():
-        top = float(values.max())
-        if top < _LOG_FACTORIAL_TABLE_SIZE and float(values.min()) >= 0 and bool((values == values.floor()).all()):
-            table = _log_factorial_table.get(values.device)
-            if table is None:
-                whole = torch.arange(_LOG_FACTORIAL_TABLE_SIZE, dtype=torch.float64, device=values.device)
-                table = _log_factorial_table[values.device] = torch.lgamma(whole + 1.0).float()
-            return table[values.long()]
-    return torch.lgamma(values.double() + 1.0).float()
-
-
-class _Buffer(CellData):
-    """A few thousand rows read from disk, as a small :class:`CellData` (its gather code, unchanged).
-
-    Rows are local (``0..len(rows)``); the per-cell vectors are the parent's at ``rows``.
-    """
-
-    def __init__(self, csr: sp.csr_matrix, parent: OnDiskCellData, rows: np.ndarray) -> None:
-        self.device = parent.device
-        self.n_cells, self.n_genes = csr.shape
-        self.nnz = int(csr.nnz)
-        # a buffer is small: put it where the minibatches are gathered, as the in-memory path does
-        self.on_device = True
-        self._indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(self.device)
-        self._indices = torch.from_numpy(csr.indices.astype(np.int64)).to(self.device)
-        self._values = torch.from_numpy(csr.data).to(self.device)
-        self._log_factorial = _log_factorial(self._values)
-        local = torch.from_numpy(rows).to(parent.device)
-        self.library = parent.library[local]
-        self.batch_index = parent.batch_index[local]
-        self.label_index = parent.label_index[local]
-        self.categorical_covariates = parent.categorical_covariates[local]
-        self.continuous_covariates = parent.continuous_covariates[local]
-
-
-class OnDiskCellData:
+class OnDiskCellData(TrainingData):
     """The cells of a registered AnnData whose count matrix stays on disk (CSR, or dense by rows).
 
     Per-cell vectors live in memory (about 36 bytes per cell: ``indptr``, library size, codes,
@@ -417,6 +275,9 @@ class OnDiskCellData:
         Check the counts during the pass (cheap next to the reading; always on by default).
     block_size, fetch_factor, merge_gap
         See :class:`OnDiskSettings` (defaults from ``ondisk_settings``).
+    source, reader
+        The counts of ``adata`` already located (:func:`sclatent.data.registry.count_source`) and
+        their :class:`DiskMatrix`; default: made here. ``source`` is kept as ``data.source``.
     """
 
     storage_note = "streaming from disk"
@@ -431,12 +292,17 @@ class OnDiskCellData:
         block_size: int | None = None,
         fetch_factor: int | None = None,
         merge_gap: int | None = None,
+        *,
+        source: CountSource | None = None,
+        reader: DiskMatrix | None = None,
     ) -> None:
         self.device = torch.device(device)
-        matrix, where = get_count_matrix(adata, registry.layer)
-        self._reader = DiskMatrix(matrix, where)
-        self._column_order = gene_order_for_query(adata, registry)
-        self.n_cells = self._reader.shape[0]
+        self.source = count_source(adata, registry) if source is None else source
+        if not self.source.on_disk:
+            raise ValueError(f"{self.source.where} is in memory: use CellData (or make_cell_data) for it.")
+        self._reader = self.source.reader() if reader is None else reader
+        self._column_order = self.source.column_order
+        self._n_cells = self._reader.shape[0]
         self.n_genes = registry.n_genes
         self.block_size = int(block_size or ondisk_settings.block_size)
         self.fetch_factor = int(fetch_factor or ondisk_settings.fetch_factor)
@@ -454,13 +320,13 @@ class OnDiskCellData:
             for start, chunk in self._reader.chunks():
                 if self._column_order is not None:
                     chunk = chunk[:, self._column_order]
-                clean = self._clean(chunk.copy())
+                clean = clean_csr(chunk.copy())
                 library[start : start + clean.shape[0]] = np.asarray(clean.sum(axis=1), dtype=np.float32).ravel()
                 nnz += clean.nnz
                 yield start, chunk.data, chunk
 
         if validate:
-            check_counts(matrix, where, registry.allow_non_integer, chunks=chunks())
+            check_counts(self.source.matrix, self.source.where, registry.allow_non_integer, chunks=chunks())
         else:
             for _ in chunks():
                 pass
@@ -476,13 +342,14 @@ class OnDiskCellData:
         # what the last window read (rows, runs): lets tests and benchmarks check the memory bound
         self.last_read: tuple[int, int] = (0, 0)
 
+    @property
+    def n_cells(self) -> int:
+        return self._n_cells
+
     @staticmethod
     def _clean(csr: sp.csr_matrix) -> sp.csr_matrix:
-        """float32, duplicates summed, stored zeros dropped: as :func:`sclatent.data.loader._to_csr`."""
-        csr = sp.csr_matrix(csr, dtype=np.float32, copy=False)
-        csr.sum_duplicates()
-        csr.eliminate_zeros()
-        return csr
+        """float32, duplicates summed, stored zeros dropped: :func:`sclatent.data._counts.clean_csr`."""
+        return clean_csr(csr)
 
     @property
     def buffer_cells(self) -> int:
@@ -493,6 +360,10 @@ class OnDiskCellData:
     def nonempty_cells(self) -> np.ndarray:
         """Indices of cells with at least one count."""
         return np.flatnonzero(self.library.cpu().numpy() > 0)
+
+    def with_labels(self, codes: np.ndarray | torch.Tensor) -> OnDiskCellData:
+        """A shallow copy whose ``label_index`` is ``codes`` (``(n_cells,)`` ints), as :meth:`CellData.with_labels`."""
+        return _with_labels(self, codes)
 
     # ----------------------------------------------------------------- order
 
@@ -527,10 +398,11 @@ class OnDiskCellData:
 
     # ----------------------------------------------------------------- reading
 
-    def _read_window(self, cells: np.ndarray) -> tuple[_Buffer, np.ndarray]:
+    def _read_window(self, cells: np.ndarray) -> tuple[CellData, np.ndarray]:
         """The rows of ``cells`` (any order, repeats allowed) read as contiguous runs.
 
-        Returns the buffer (the distinct cells, sorted) and each cell's local row in it.
+        Returns the buffer (the distinct cells, sorted, as a small :class:`CellData` on the device)
+        and each cell's local row in it.
         """
         wanted = np.unique(cells)
         breaks = np.flatnonzero(np.diff(wanted) > self.merge_gap + 1) + 1
@@ -546,8 +418,18 @@ class OnDiskCellData:
             csr = csr[offsets[run] + wanted - starts[run]]
         if self._column_order is not None:
             csr = csr[:, self._column_order]
-        csr = self._clean(csr)
-        return _Buffer(csr, self, wanted), np.searchsorted(wanted, cells)
+        local = torch.from_numpy(wanted).to(self.device)
+        codes = (self.batch_index, self.label_index, self.categorical_covariates, self.continuous_covariates)
+        # a buffer is small: put it where the minibatches are gathered, as the in-memory path does
+        buffer = CellData.from_csr(
+            clean_csr(csr),
+            [c[local] for c in codes],
+            self.device,
+            on_device=True,
+            library=self.library[local],
+            storage_note=self.storage_note,
+        )
+        return buffer, np.searchsorted(wanted, cells)
 
     def gather(self, cell_index: torch.Tensor) -> MiniBatch:
         """The minibatch of cells ``cell_index`` (``(B,)`` int64), read from disk."""
@@ -587,7 +469,7 @@ class OnDiskCellData:
         (about ``buffer_cells`` cells) plus up to ``merge_gap`` unwanted rows per contiguous run.
         """
         order = self.epoch_order(cells, generator).numpy() if shuffle else _as_numpy(cells)
-        sizes = _minibatch_sizes(order.size, batch_size, drop_last, batch_sizes)
+        sizes = minibatch_sizes(order.size, batch_size, drop_last, batch_sizes)
         first, begin = 0, 0
         while first < len(sizes):
             last, count = first + 1, sizes[first]
@@ -606,16 +488,6 @@ def _as_numpy(cells: np.ndarray | torch.Tensor) -> np.ndarray:
     if torch.is_tensor(cells):
         return cells.detach().cpu().numpy().astype(np.int64, copy=False)
     return np.asarray(cells, dtype=np.int64)
-
-
-def _minibatch_sizes(n: int, batch_size: int, drop_last: bool, batch_sizes: Sequence[int] | None) -> list[int]:
-    """Sizes of the minibatches of an ``n``-cell pass, as :meth:`CellData.iterate` cuts them."""
-    if batch_sizes is not None:
-        return checked_batch_sizes(batch_sizes, n)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    return [min(batch_size, stop - b) for b in range(0, stop, batch_size)]
 
 
 # ----------------------------------------------------------------------------- writing results

@@ -5,6 +5,10 @@
 store ``None`` inside a dict). Nothing else in the caller's AnnData is changed: obs columns are not
 converted to categoricals, ``X`` and the layers are only read. A model is built from the registry,
 saves it beside its weights, and validates query data against it.
+
+Layering: this file imports only :mod:`sclatent.data._counts` (where the count matrix is, and its
+chunked reading); :func:`count_source` joins the two for a model: the counts of an AnnData in the
+model's gene order, located once. ``loader``, ``ondisk`` and ``neighbours`` build on both.
 """
 
 from __future__ import annotations
@@ -16,15 +20,28 @@ from dataclasses import asdict, dataclass, field
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
+
+from ._counts import CountSource, SetupError, check_counts, get_count_matrix
+
+__all__ = [
+    "REGISTRY_KEY",
+    "REGISTRY_VERSION",
+    "CountSource",
+    "Registry",
+    "SetupError",
+    "check_counts",
+    "count_source",
+    "encode_categorical",
+    "encode_continuous",
+    "gene_order_for_query",
+    "get_count_matrix",
+    "get_registry",
+    "library_log_prior",
+    "setup_anndata",
+]
 
 REGISTRY_KEY = "_sclatent_registry"
 REGISTRY_VERSION = 1
-_CHUNK_ROWS = 4096
-
-
-class SetupError(ValueError):
-    """An AnnData that a model cannot use as given; the message names the fix."""
 
 
 @dataclass
@@ -91,112 +108,6 @@ class Registry:
         if self.continuous_covariate_keys:
             parts.append(f"continuous covariates {self.continuous_covariate_keys}")
         return ", ".join(parts)
-
-
-# ----------------------------------------------------------------------------- counts
-
-
-def get_count_matrix(adata: ad.AnnData, layer: str | None):
-    """The count matrix of ``adata`` (``X`` or ``layers[layer]``), without copying."""
-    if layer is None:
-        matrix = adata.X
-        where = "adata.X"
-    else:
-        if layer not in adata.layers:
-            available = list(adata.layers.keys())
-            raise SetupError(
-                f"Layer {layer!r} not found in adata.layers (available: {available or 'none'}). "
-                "Pass one of those names, or layer=None to use adata.X."
-            )
-        matrix = adata.layers[layer]
-        where = f"adata.layers[{layer!r}]"
-    if matrix is None:
-        raise SetupError(f"{where} is empty (None). Put the raw counts there or choose another layer.")
-    from .ondisk import is_on_disk, refuse_csc  # (ondisk imports this module)
-
-    if is_on_disk(matrix):
-        # left on disk: backed h5ad / zarr, read in row ranges by sclatent.data.ondisk
-        refuse_csc(matrix, where)
-    elif not (sp.issparse(matrix) or isinstance(matrix, np.ndarray)):
-        try:
-            matrix = np.asarray(matrix)
-        except Exception as err:  # pragma: no cover - exotic array types
-            raise SetupError(f"{where} has unsupported type {type(matrix).__name__}.") from err
-    if len(matrix.shape) != 2 or tuple(matrix.shape) != (adata.n_obs, adata.n_vars):
-        raise SetupError(f"{where} has shape {matrix.shape}, expected {(adata.n_obs, adata.n_vars)}.")
-    if not np.issubdtype(matrix.dtype, np.number) or np.issubdtype(matrix.dtype, np.complexfloating):
-        raise SetupError(f"{where} has dtype {matrix.dtype}; counts must be a real numeric type.")
-    return matrix, where
-
-
-def _row_chunks(matrix):
-    from .ondisk import DiskMatrix, is_on_disk
-
-    if is_on_disk(matrix):
-        # raw row-range reads: anndata's CSRDataset slicing is several times slower
-        for start, chunk in DiskMatrix(matrix).chunks(_CHUNK_ROWS):
-            yield start, chunk.data, chunk
-        return
-    for start in range(0, matrix.shape[0], _CHUNK_ROWS):
-        chunk = matrix[start : start + _CHUNK_ROWS]
-        if sp.issparse(chunk):
-            chunk = sp.csr_matrix(chunk)
-            yield start, chunk.data, chunk
-        else:
-            chunk = np.asarray(chunk)
-            yield start, chunk.ravel(), chunk
-
-
-def check_counts(matrix, where: str, allow_non_integer: bool, chunks=None) -> tuple[np.ndarray, np.ndarray]:
-    """Check that ``matrix`` holds finite, non-negative (integer) counts.
-
-    Reads the matrix in row chunks, never densifying it whole (on disk too: backed h5ad, zarr).
-    ``chunks``, an iterable of ``(start_row, values, chunk)``, replaces that reading (a caller
-    that makes its own pass over the rows validates in the same pass).
-
-    Returns
-    -------
-    cell_totals, gene_totals
-        ``(n_cells,)`` and ``(n_genes,)`` float64 total counts.
-    """
-    n_cells, n_genes = matrix.shape
-    cell_totals = np.zeros(n_cells)
-    gene_totals = None  # sized by the chunks (a caller's chunks may have its own gene order)
-    n_bad = n_negative = n_fraction = 0
-    example_fraction = None
-    for start, values, chunk in _row_chunks(matrix) if chunks is None else chunks:
-        values = np.asarray(values, dtype=np.float64)
-        finite = np.isfinite(values)
-        n_bad += int((~finite).sum())
-        n_negative += int((values < 0).sum())
-        if not np.issubdtype(chunk.dtype, np.integer):
-            fractional = finite & (values != np.round(values))
-            if fractional.any():
-                n_fraction += int(fractional.sum())
-                example_fraction = example_fraction if example_fraction is not None else values[fractional][0]
-        rows = np.asarray(chunk.sum(axis=1, dtype=np.float64)).ravel()
-        cell_totals[start : start + rows.size] = rows
-        column_totals = np.asarray(chunk.sum(axis=0, dtype=np.float64)).ravel()
-        gene_totals = column_totals if gene_totals is None else gene_totals + column_totals
-    gene_totals = np.zeros(n_genes) if gene_totals is None else gene_totals
-    if n_bad:
-        raise SetupError(
-            f"{where} contains {n_bad} NaN or infinite values. Counts must be finite: remove the "
-            "affected cells/genes or pass the raw count layer instead of a transformed one."
-        )
-    if n_negative:
-        raise SetupError(
-            f"{where} contains {n_negative} negative values; counts must be >= 0. This usually means "
-            "the data were scaled or centred (sc.pp.scale); pass the raw counts via layer=... instead."
-        )
-    if n_fraction and not allow_non_integer:
-        raise SetupError(
-            f"{where} contains {n_fraction} non-integer values (e.g. {example_fraction:.4g}), but count "
-            "models expect raw integer counts. Pass the raw counts (e.g. a layer saved before "
-            "sc.pp.normalize_total/log1p: layer='counts'), or allow_non_integer=True (CLI: --allow-non-integer) "
-            "if the values are genuinely fractional counts (e.g. from ambient-RNA correction)."
-        )
-    return cell_totals, gene_totals
 
 
 # ----------------------------------------------------------------------------- obs columns
@@ -307,8 +218,9 @@ def setup_anndata(
         raise SetupError("adata has no genes (n_vars == 0); the count matrix must have at least one gene.")
     if not adata.var_names.is_unique:
         raise SetupError("adata.var_names are not unique; call adata.var_names_make_unique() first.")
-    matrix, where = get_count_matrix(adata, layer)
-    cell_totals, gene_totals = check_counts(matrix, where, allow_non_integer)
+    source = CountSource.of(adata, layer)  # located once: the check below reads through it
+    where = source.where
+    cell_totals, gene_totals = source.check(allow_non_integer)
     n_empty = int((cell_totals == 0).sum())
     if n_empty == adata.n_obs:
         raise SetupError(
@@ -380,3 +292,39 @@ def gene_order_for_query(adata: ad.AnnData, registry: Registry) -> np.ndarray | 
             "adata[:, model.var_names] after adding the missing genes as zero columns."
         )
     return position
+
+
+def count_source(adata: ad.AnnData, registry: Registry) -> CountSource:
+    """The counts of ``adata`` as ``registry`` reads them: its layer, its genes in its order.
+
+    Locates the matrix once (:func:`get_count_matrix`) and checks the genes
+    (:func:`gene_order_for_query`: a :class:`SetupError` names missing ones); pass the result to
+    whatever reads the counts instead of locating them again.
+    """
+    source = CountSource.of(adata, registry.layer)
+    order = gene_order_for_query(adata, registry)
+    return source if order is None else CountSource(source.matrix, source.where, source.on_disk, order)
+
+
+def library_log_prior(
+    adata: ad.AnnData, registry: Registry, source: CountSource | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the log library size of the non-empty cells in each batch.
+
+    Returns two ``(n_batch,)`` arrays (a variance is at least 1e-3; a batch without non-empty cells
+    gets mean 0 and variance 1). The totals are summed in row chunks when the matrix is on disk.
+    ``source`` (default: :func:`count_source` of ``adata``) saves locating the counts again.
+    """
+    source = count_source(adata, registry) if source is None else source
+    totals = source.cell_totals()
+    if registry.batch_key:
+        codes = encode_categorical(adata, registry.batch_key, registry.batch_categories, "batch_key")
+    else:
+        codes = np.zeros(adata.n_obs, dtype=np.int64)
+    means, variances = np.zeros(registry.n_batch), np.ones(registry.n_batch)
+    for b in range(registry.n_batch):
+        logs = np.log(totals[(codes == b) & (totals > 0)])
+        if logs.size:
+            means[b] = logs.mean()
+            variances[b] = max(logs.var(), 1e-3)
+    return means, variances
