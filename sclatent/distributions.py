@@ -15,18 +15,24 @@ mostly zeros, and a zero's log-probability has a closed form without ``lgamma``.
 :func:`count_log_likelihood` therefore evaluates the cheap zero term densely and corrects it only
 at the nonzero entries of a sparse minibatch. The tests check every function against scipy and
 pyro.
+
+Also here, for every model with a Gaussian latent (cell and image VAEs, flows): the diagonal
+Gaussian log-density :func:`gaussian_log_prob` and the closed-form KL :func:`gaussian_kl`.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
+from . import _native
+
 GeneLikelihood = Literal["zinb", "nb", "poisson"]
-GENE_LIKELIHOODS: tuple[str, ...] = ("zinb", "nb", "poisson")
+GENE_LIKELIHOODS: tuple[str, ...] = get_args(GeneLikelihood)
 
 
 def _nb_log_zero(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -172,6 +178,18 @@ def log_zinb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
 def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """Elementwise log Poisson(x | mu). See :func:`log_prob`."""
     return log_prob("poisson", x, mu)
+
+
+def gaussian_kl(mean: torch.Tensor, var: torch.Tensor, prior_mean=0.0, prior_var=1.0) -> torch.Tensor:
+    """KL(N(mean, var) || N(prior_mean, prior_var)) summed over the last dimension, ``(B,)``."""
+    prior_var = torch.as_tensor(prior_var, dtype=var.dtype, device=var.device)
+    return 0.5 * (torch.log(prior_var / var) + (var + (mean - prior_mean) ** 2) / prior_var - 1.0).sum(-1)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean, var) -> torch.Tensor:
+    """log N(x | mean, var) summed over the last dimension."""
+    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
+    return (-0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var)).sum(-1)
 
 
 def sample(
@@ -471,9 +489,7 @@ def _native_kernel(likelihood, logits, log_library, log_theta, zi_logits):
         return None
     if log_theta.numel() not in (logits.shape[1], logits.numel()) or log_library.numel() != logits.shape[0]:
         return None
-    from . import _native
-
-    return _native.library()
+    return _native.kernels(logits.device, logits.dtype)
 
 
 def softmax_count_log_likelihood(

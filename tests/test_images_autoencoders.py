@@ -14,11 +14,11 @@ import pytest
 import torch
 from scipy.linalg import subspace_angles
 
-from sclatent.data.arrays import ArrayBatch
 from sclatent.datasets import digits
 from sclatent.images import ImageAutoencoder, MaskedImageAutoencoder
-from sclatent.modules.image_autoencoder import ImageAutoencoderModule
-from sclatent.modules.masked_image import MaskedImageAutoencoderModule, masked_patch_loss, n_masked_patches
+from sclatent.images.data import ArrayBatch
+from sclatent.images.modules.autoencoder import ImageAutoencoderModule
+from sclatent.images.modules.masked import MaskedImageAutoencoderModule, masked_patch_loss, n_masked_patches
 from sclatent.nn.regularisers import contractive_penalty
 
 QUIET = dict(progress_bar=False)
@@ -106,16 +106,16 @@ def test_training_loss_sees_the_corruption_and_evaluation_does_not(data, noise):
     x = torch.as_tensor(train.unit()[:200])
     batch = ArrayBatch(x, None, torch.arange(200))
     module.eval()
-    clean_loss = module.loss(batch).reconstruction
+    clean_loss = module.loss(batch).terms["reconstruction"]
     with torch.no_grad():
         expected = torch.nn.functional.binary_cross_entropy_with_logits(
             module.decode(module.encode(x.reshape(200, -1))), x.reshape(200, -1), reduction="none"
         ).sum(-1)
     torch.testing.assert_close(clean_loss, expected)
-    torch.testing.assert_close(module.loss(batch).reconstruction, clean_loss)  # eval is deterministic
+    torch.testing.assert_close(module.loss(batch).terms["reconstruction"], clean_loss)  # eval is deterministic
     module.train()
     torch.manual_seed(0)
-    assert not torch.allclose(module.loss(batch).reconstruction, clean_loss)
+    assert not torch.allclose(module.loss(batch).terms["reconstruction"], clean_loss)
 
 
 def test_denoising_model_denoises_better_than_a_plain_one(data):
@@ -181,7 +181,7 @@ def test_module_contractive_term_is_the_encoder_jacobian_norm(data):
     estimates = []
     for seed in range(1500):
         torch.manual_seed(seed)
-        estimates.append(module.loss(batch).extra["contractive"].detach())
+        estimates.append(module.loss(batch).terms["contractive"].detach())
     exact = torch.stack(
         [(torch.autograd.functional.jacobian(module.encode, x[b].reshape(1, -1)) ** 2).sum() for b in range(3)]
     )

@@ -13,12 +13,12 @@ import scipy.linalg
 import torch
 
 from sclatent import datasets
-from sclatent.data.arrays import ArrayData
 from sclatent.datasets import DatasetUnavailableError, ImageSet
 from sclatent.images import DigitClassifier
-from sclatent.metrics.images import classifier_scores, frechet_distance, linear_probe_accuracy
-from sclatent.nn.pixels import binarise, bits_per_dim, dequantise
-from sclatent.plotting import plot_image_grid
+from sclatent.images.data import ArrayData
+from sclatent.images.metrics import classifier_scores, frechet_distance, linear_probe_accuracy
+from sclatent.images.nn.pixels import binarise, bits_per_dim, dequantise
+from sclatent.images.plotting import plot_image_grid
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MNIST_FILES = [
@@ -192,7 +192,7 @@ def test_classifier_learns_digits_and_keeps_history(trained_classifier, digit_sp
     assert (trained_classifier.predict(test) == test.labels).mean() > 0.9
     history = trained_classifier.history
     assert history["epoch"] == list(range(1, 9))
-    assert history["train_reconstruction"][-1] < history["train_reconstruction"][0]
+    assert history["train_cross_entropy"][-1] < history["train_cross_entropy"][0]
     assert history["validation_error"][-1] < 0.1
     probabilities = trained_classifier.predict_proba(test)
     assert probabilities.shape == (len(test), 10)

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-import sclatent.train as trainer
-from sclatent.data.arrays import ArrayBatch
 from sclatent.datasets import DOMAIN_KINDS, ImageSet, digits, domain_transform, unpaired_domains
 from sclatent.datasets._domains import invert, rotate, thicken, thin
 from sclatent.images import CycleGAN, evaluate_translation
 from sclatent.images.cyclegan import domain_classifier
-from sclatent.modules.cyclegan import CycleGANModule, discriminator_loss, generator_adversarial_loss
+from sclatent.images.data import ArrayBatch
+from sclatent.images.modules.cyclegan import CycleGANModule, discriminator_loss, generator_adversarial_loss
+from sclatent.steps import AdversarialStep
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 SMALL = dict(n_filters=4, n_residual_blocks=1)
@@ -140,21 +140,21 @@ def test_generator_and_discriminator_objectives_match_a_hand_computation():
         identity_a, identity_b = (f(a) - a).abs().mean((1, 2, 3)), (g(b) - b).abs().mean((1, 2, 3))
         adversarial = ((module.d_b(g(a)) - 1) ** 2).mean((1, 2)) + ((module.d_a(f(b)) - 1) ** 2).mean((1, 2))
         expected = adversarial + 7.0 * (cycle_a + cycle_b) + 7.0 * 0.3 * (identity_a + identity_b)
-        torch.testing.assert_close(out.extra["cycle_a"], cycle_a)
-        torch.testing.assert_close(out.extra["cycle_b"], cycle_b)
-        torch.testing.assert_close(out.extra["identity_a"], identity_a)
-        torch.testing.assert_close(out.extra["identity_b"], identity_b)
+        torch.testing.assert_close(out.terms["cycle_a"], cycle_a)
+        torch.testing.assert_close(out.terms["cycle_b"], cycle_b)
+        torch.testing.assert_close(out.terms["identity_a"], identity_a)
+        torch.testing.assert_close(out.terms["identity_b"], identity_b)
         torch.testing.assert_close(out.loss, expected.mean())
         torch.testing.assert_close(module.cycle(a[:, 0], "a_to_b"), f(g(a))[:, 0])
 
         d_out = module.loss(batch, group="discriminators")
         d_a = 0.5 * (((module.d_a(a) - 1) ** 2).mean((1, 2)) + (module.d_a(f(b)) ** 2).mean((1, 2)))
         d_b = 0.5 * (((module.d_b(b) - 1) ** 2).mean((1, 2)) + (module.d_b(g(a)) ** 2).mean((1, 2)))
-        torch.testing.assert_close(d_out.extra["discriminator_a"], d_a)
+        torch.testing.assert_close(d_out.terms["discriminator_a"], d_a)
         torch.testing.assert_close(d_out.loss, (d_a + d_b).mean())
     # no identity terms at lambda_identity = 0
     module.lambda_identity = 0.0
-    assert "identity_a" not in module.loss(batch, group="generators").extra
+    assert "identity_a" not in module.loss(batch, group="generators").terms
 
 
 def test_generators_output_images_in_the_unit_interval():
@@ -171,18 +171,18 @@ def test_each_adversarial_step_updates_only_its_group(monkeypatch, domains):
     model = CycleGAN((8, 8), **SMALL)
     groups = model.module.parameter_groups()
     steps: list[str] = []
-    original = trainer._group_step
+    original = AdversarialStep._update
 
-    def spy(module, batch, name, optimizers, groups_, kl_weight):
+    def spy(step, batch, name, kl_weight, before_update):
         before = {g: [p.detach().clone() for p in params] for g, params in groups.items()}
-        out = original(module, batch, name, optimizers, groups_, kl_weight)
+        out = original(step, batch, name, kl_weight, before_update)
         for g, params in groups.items():
             changed = any(not torch.equal(old, p.detach()) for old, p in zip(before[g], params))
             assert changed == (g == name), f"a {name} step {'changed' if changed else 'left'} the {g} parameters"
         steps.append(name)
         return out
 
-    monkeypatch.setattr(trainer, "_group_step", spy)
+    monkeypatch.setattr(AdversarialStep, "_update", spy)
     model.train(a.subset(60), b.subset(60), max_epochs=1, batch_size=20, **TRAIN)
     assert steps == ["generators", "discriminators"] * 3
 

@@ -30,9 +30,9 @@ from sclatent.datasets import (
 )
 from sclatent.images import DensityFlow, EnergyFlow, ImageFlow
 from sclatent.images.flow import pixel_histogram_bits_per_dim
-from sclatent.modules.density_flow import EnergyFlowModule
-from sclatent.modules.image_flow import ImageFlowModule
-from sclatent.nn.glow import ActNorm, AffineCoupling, FlowStep, InvertibleConv1x1, Squeeze
+from sclatent.images.modules.density_flow import EnergyFlowModule
+from sclatent.images.modules.flow import ImageFlowModule
+from sclatent.images.nn.glow import ActNorm, AffineCoupling, FlowStep, InvertibleConv1x1, Squeeze
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 
@@ -176,7 +176,7 @@ def test_image_flow_trains_on_digits(digit_sets):
     nll = -flow.log_prob(test)
     assert nll.shape == (len(test),) and nll.dtype == np.float64
     assert test_bpd == pytest.approx((nll.mean() + 64 * math.log(17)) / (64 * math.log(2)), rel=1e-9)
-    history_bpd = (np.array(flow.history["train_reconstruction"]) + 64 * math.log(17)) / (64 * math.log(2))
+    history_bpd = (np.array(flow.history["train_nll"]) + 64 * math.log(17)) / (64 * math.log(2))
     np.testing.assert_allclose(flow.history["train_bits_per_dim"], history_bpd, rtol=1e-6)
     samples = flow.sample(10, temperature=0.7, seed=3)
     assert samples.shape == (10, 8, 8) and samples.dtype == np.float32

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from sclatent import datasets
-from sclatent.data.arrays import ArrayBatch
 from sclatent.images import ImageGAN
-from sclatent.metrics.images import frechet_distance, gaussian_baseline_samples, generator_scores
-from sclatent.modules.gan import gradient_penalty
-from sclatent.modules.image_gan import ImageGANModule, nonsaturating_losses
-from sclatent.nn.conv_decoder import ConvDecoder
+from sclatent.images.data import ArrayBatch
+from sclatent.images.metrics import frechet_distance, gaussian_baseline_samples, generator_scores
+from sclatent.images.modules.gan import ImageGANModule, nonsaturating_losses
+from sclatent.images.nn.conv_decoder import ConvDecoder
+from sclatent.nn.regularisers import gradient_penalty
 from sclatent.optim import FlatAdam
-from sclatent.train import _group_step, _parameter_groups
+from sclatent.steps import AdversarialStep, checked_parameter_groups
 
 SMALL_DCGAN = {"generator_widths": (16, 8), "discriminator_widths": (8, 16), "n_features": 32, "n_latent": 8}
 SMALL_MLP = {"architecture": "mlp", "generator_widths": (64,), "discriminator_widths": (64,), "n_features": 32}
@@ -69,7 +69,7 @@ def test_module_losses_are_those_of_its_own_discriminator_outputs(digits, condit
     fake = module.generate(16, labels)
     real_logits, fake_logits = module.discriminator(batch.x, labels), module.discriminator(fake, labels)
     assert d_out.loss.item() == pytest.approx(nonsaturating_losses(real_logits, fake_logits)[0].mean().item(), rel=1e-5)
-    assert torch.allclose(d_out.extra["real_probability"], torch.sigmoid(real_logits))
+    assert torch.allclose(d_out.terms["real_probability"], torch.sigmoid(real_logits))
     torch.manual_seed(4)
     g_out = module.loss(batch, group="generator")
     torch.manual_seed(4)
@@ -81,11 +81,11 @@ def test_wgan_losses_and_image_gradient_penalty():
     module = ImageGANModule((8, 8), loss="wgan-gp", **SMALL_DCGAN).train()
     batch = _batch(torch.rand(6, 8, 8))
     out = module.loss(batch, group="discriminator")
-    assert set(out.extra) == {"wasserstein", "gradient_penalty"}
-    expected = -out.extra["wasserstein"].mean() + 10 * out.extra["gradient_penalty"].mean()
+    assert set(out.terms) == {"wasserstein", "gradient_penalty"}
+    expected = -out.terms["wasserstein"].mean() + 10 * out.terms["gradient_penalty"].mean()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     with torch.no_grad():  # evaluation: no gradient, no penalty
-        assert "gradient_penalty" not in module.loss(batch, group="discriminator").extra
+        assert "gradient_penalty" not in module.loss(batch, group="discriminator").terms
     assert module.n_critic == 5 and module.betas == (0.5, 0.9)
 
 
@@ -113,11 +113,11 @@ def test_spectral_norm_bounds_every_discriminator_layer():
 @pytest.mark.parametrize("player", ["generator", "discriminator"])
 def test_each_step_moves_only_its_own_player(player):
     module = ImageGANModule((8, 8), n_classes=10, **SMALL_DCGAN).train()
-    groups = _parameter_groups(module)
+    groups = checked_parameter_groups(module)
     optimizers = {name: FlatAdam(params, lr=1e-2) for name, params in groups.items()}
     before = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
     batch = _batch(torch.rand(8, 8, 8), torch.arange(8))
-    _group_step(module, batch, player, optimizers, groups, 1.0)
+    AdversarialStep(module, optimizers)._update(batch, player, 1.0, None)
     for name, params in groups.items():
         moved = any(not torch.equal(p, q) for p, q in zip(params, before[name]))
         assert moved == (name == player)

@@ -11,11 +11,11 @@ import torch
 
 import sclatent
 import sclatent.cli
-from sclatent.data.arrays import ArrayBatch
 from sclatent.images import SimCLR
-from sclatent.metrics.images import labels_per_class, linear_probe_accuracy
-from sclatent.modules import contrastive, simclr
-from sclatent.nn.image_augment import (
+from sclatent.images.data import ArrayBatch
+from sclatent.images.metrics import labels_per_class, linear_probe_accuracy
+from sclatent.images.modules import simclr
+from sclatent.images.nn.augment import (
     ImageAugmentation,
     adjacent_boxes,
     adjacent_overlap,
@@ -26,6 +26,7 @@ from sclatent.nn.image_augment import (
     random_crop_boxes,
     warp,
 )
+from sclatent.nn import contrastive
 
 OFF = dict(
     crop_min_area=1.0,
@@ -174,7 +175,7 @@ def test_module_reuses_the_cell_nt_xent():
     v1, v2 = module.views(x, generator)
     p1, p2 = module.projection(module.encoder(torch.cat([v1, v2]))).chunk(2)
     expected = contrastive.nt_xent(p1, p2, 0.3)
-    assert torch.allclose(out.reconstruction, 0.5 * (expected[:10] + expected[10:]), atol=1e-5)
+    assert torch.allclose(out.terms["nt_xent"], 0.5 * (expected[:10] + expected[10:]), atol=1e-5)
     assert float(out.loss.detach()) <= math.log(2 * 10 - 1) + 1.0  # a (2N-1)-way classification near chance
 
 

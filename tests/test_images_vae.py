@@ -1,4 +1,4 @@
-"""Tests for the image VAE (sclatent.images.ImageVAE, sclatent.modules.image_vae).
+"""Tests for the image VAE (sclatent.images.ImageVAE, sclatent.images.modules.vae).
 
 Covers: the Bernoulli and Gaussian log-likelihoods against torch.distributions / scipy, the IWAE
 bound against log p(x) by quadrature on a 1-D latent, ELBO <= IWAE(k) <= 0 and the bound rising
@@ -21,9 +21,9 @@ from scipy import stats
 from sclatent.cli import main
 from sclatent.datasets import digits
 from sclatent.images import ImageVAE
+from sclatent.images.modules.vae import ImageVAEModule, bernoulli_log_prob
+from sclatent.images.plotting import plot_latent_manifold
 from sclatent.images.vae import binarise_fixed_seed, pixel_bernoulli_nll
-from sclatent.modules.image_vae import ImageVAEModule, bernoulli_log_prob
-from sclatent.plotting import plot_latent_manifold
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 SMALL = dict(n_latent=2, n_hidden=64, n_layers=1)

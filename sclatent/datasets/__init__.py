@@ -5,7 +5,7 @@ directory (``SCLATENT_DATA_DIR``, default ``~/.cache/sclatent/data``) and verify
 the packaged manifest; nothing is downloaded at import time.
 """
 
-from ._domains import DOMAIN_KINDS, domain_transform, unpaired_domains
+from ._domains import DOMAIN_KINDS, domain_transform, rotate, unpaired_domains
 from ._files import (
     DatasetUnavailableError,
     cellbench_5cl,
@@ -57,6 +57,7 @@ __all__ = [
     "pbmc3k",
     "pbmc68k_counts",
     "rings",
+    "rotate",
     "synthetic",
     "synthetic_h5ad",
     "two_moons",

@@ -2,6 +2,12 @@
 
 Every class takes arrays ``(N, *input_shape)`` (or a :class:`sclatent.datasets.ImageSet`),
 trains with ``.train(...)`` into ``.history``, and saves/loads like the AnnData models.
+
+The wing keeps its own pieces: pure-torch modules in :mod:`sclatent.images.modules`, blocks in
+:mod:`sclatent.images.nn`, data in :mod:`sclatent.images.data`, metrics in
+:mod:`sclatent.images.metrics`, figures in :mod:`sclatent.images.plotting` and commands in
+:mod:`sclatent.cli.images`. It shares only the generic core (trainer, likelihood maths,
+:mod:`sclatent.nn` blocks, datasets) with the cell models.
 """
 
 from ._base import ArrayModel

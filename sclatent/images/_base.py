@@ -1,8 +1,8 @@
 """What every image/vector model shares: input checks, training through the one trainer, save/load.
 
 A model class pairs its hyperparameters with a pure-torch module (the maths, in
-:mod:`sclatent.modules`) and calls :func:`sclatent.train.fit` to train it, exactly like the
-AnnData models; only the data side differs (:class:`sclatent.data.arrays.ArrayData` instead of a
+:mod:`sclatent.images.modules`) and calls :func:`sclatent.train.fit` to train it, exactly like the
+AnnData models; only the data side differs (:class:`sclatent.images.data.ArrayData` instead of a
 registered AnnData).
 
 Inputs are float arrays ``(N, *input_shape)``: images ``(N, H, W)`` or ``(N, C, H, W)``,
@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from .. import __version__
-from .._persistence import read_model_folder, write_model_folder
-from ..data.arrays import ArrayBatch, ArrayData
+from ..base import Model
 from ..data.loader import resolve_device
 from ..datasets import ImageSet
-from ..train import TrainingPlan, fit
+from ..train import TrainingPlan
+from .data import ArrayBatch, ArrayData
 
 
-class ArrayModel:
-    """Base of the image/vector models.
+class ArrayModel(Model):
+    """Base of the image/vector models: :class:`sclatent.base.Model` plus an item shape.
 
-    Subclasses set ``module_class`` and, when the module needs more than
-    ``input_shape`` and the hyperparameters, override :meth:`_module_kwargs`. ``input_range``
-    (default ``(0, 1)``) is what :meth:`_check_inputs` enforces; ``None`` accepts any finite value.
+    A subclass sets ``module_class`` and ``hyperparameters_class``; the module is built from
+    ``input_shape`` and the module hyperparameters (override :meth:`_module_kwargs` for more).
+    :attr:`input_range` (default ``(0, 1)``) is what :meth:`_check_inputs` enforces (``None``:
+    any finite value) and :attr:`needs_labels` whether ``train`` needs labels; a subclass whose
+    answer depends on its hyperparameters overrides them as properties.
 
     Parameters
     ----------
@@ -42,30 +42,39 @@ class ArrayModel:
     seed
         Seeds the initial weights and, by default, training.
     **hyperparameters
-        Passed to the module (stored, saved and shown by ``repr``).
+        The family's hyperparameters (validated, stored, saved and shown by ``repr``).
     """
 
-    module_class: type[torch.nn.Module]
-    input_range: tuple[float, float] | None = (0.0, 1.0)
+    input_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
     # does train() need labels (classifiers, class-conditional generators)?
-    needs_labels: bool = False
+    needs_labels: ClassVar[bool] = False
 
-    def __init__(self, input_shape: tuple[int, ...], seed: int = 0, **hyperparameters: Any) -> None:
+    def __init__(self, input_shape: tuple[int, ...], *, seed: int = 0, **hyperparameters: Any) -> None:
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.hyperparameters = dict(hyperparameters)
-        self.seed = seed
-        torch.manual_seed(seed)
-        self.module = self.module_class(**self._module_kwargs())
-        self.module.eval()
-        self.history: dict[str, list[float]] = {}
-        self.is_trained = False
+        super().__init__(seed=seed, **hyperparameters)
 
     def _module_kwargs(self) -> dict[str, Any]:
-        return {"input_shape": self.input_shape, **self.hyperparameters}
+        return {"input_shape": self.input_shape, **self._module_hyperparameters()}
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+    def _metadata(self) -> dict[str, Any]:
+        return {"input_shape": list(self.input_shape)}
+
+    def _set_context(self, metadata: dict[str, Any]) -> None:
+        self.input_shape = tuple(int(s) for s in metadata["input_shape"])
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, accelerator: str = "cpu") -> ArrayModel:
+        """Load a model written by :meth:`save` (weights read with ``weights_only=True``).
+
+        Raises
+        ------
+        sclatent.ModelLoadError
+            A damaged folder (unreadable ``metadata.json``, truncated or corrupted ``model.pt``).
+        """
+        return cls._load(directory, accelerator)
+
+    def _repr_header(self) -> str:
+        return f"input_shape={self.input_shape}"
 
     # ----------------------------------------------------------------- inputs
 
@@ -126,7 +135,7 @@ class ArrayModel:
         accelerator: str = "auto",
         early_stopping: bool = False,
         patience: int = 10,
-        monitor: str = "elbo",
+        monitor: str | None = None,
         restore_best: bool = False,
         kl_warmup_epochs: int = 0,
         seed: int | None = None,
@@ -185,20 +194,15 @@ class ArrayModel:
             restore_best=restore_best,
         )
         self._before_training(data, np.arange(n_train))
-        history = fit(
-            self.module,
+        self._fit(
             data,
             np.arange(n_train),
             np.arange(n_train, len(x)),
             plan,
-            seed=self.seed if seed is None else seed,
+            seed=seed,
             progress_bar=progress_bar,
             description=f"Training {type(self).__name__}",
         )
-        offset = self.history["epoch"][-1] if self.history.get("epoch") else 0
-        for key, values in history.items():
-            self.history.setdefault(key, []).extend([v + offset for v in values] if key == "epoch" else values)
-        self.is_trained = True
         return self
 
     def _before_training(self, data: ArrayData, train_indices: np.ndarray) -> None:
@@ -214,42 +218,3 @@ class ArrayModel:
         data = ArrayData(x, None, self.device)
         outputs = [function(batch).detach().cpu() for batch in data.iterate(np.arange(len(x)), batch_size)]
         return torch.cat(outputs).numpy() if outputs else np.zeros((0,), dtype=np.float32)
-
-    # ----------------------------------------------------------------- persistence
-
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``model.pt`` (state dict) and ``metadata.json`` (shape, settings, history)."""
-        metadata = {
-            "sclatent_version": __version__,
-            "model_class": type(self).__name__,
-            "input_shape": list(self.input_shape),
-            "hyperparameters": self.hyperparameters,
-            "seed": self.seed,
-            "history": self.history,
-            "is_trained": self.is_trained,
-        }
-        return write_model_folder(directory, self.module.state_dict(), metadata, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, accelerator: str = "cpu") -> ArrayModel:
-        """Load a model written by :meth:`save` (weights read with ``weights_only=True``)."""
-        state, metadata = read_model_folder(directory, cls.__name__)
-        model = cls(tuple(metadata["input_shape"]), seed=metadata["seed"], **metadata["hyperparameters"])
-        model.module.load_state_dict(state)
-        model.module.to(resolve_device(accelerator))
-        model.module.eval()
-        model.history = {k: list(v) for k, v in metadata["history"].items()}
-        model.is_trained = metadata["is_trained"]
-        return model
-
-    def __repr__(self) -> str:
-        n_params = sum(p.numel() for p in self.module.parameters())
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
-        status = "trained" if self.is_trained else "not trained"
-        if self.history.get("epoch"):
-            status += f" for {self.history['epoch'][-1]} epochs"
-        return (
-            f"{type(self).__name__}(input_shape={self.input_shape}{', ' + settings if settings else ''})\n"
-            f"  module: {type(self.module).__name__} with {n_params:,} parameters on {self.device}\n"
-            f"  status: {status}"
-        )

@@ -7,49 +7,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.arrays import ArrayData
-from ..modules.image_autoencoder import IMAGE_AE_KINDS, ImageAutoencoderModule
+from ..base import seeded
 from ._base import ArrayModel
-
-# what each kind sets unless the caller says otherwise
-_KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": dict(likelihood="gaussian"),
-    "bottleneck": {},
-    "sparse": dict(sparsity=0.1),
-    "contractive": dict(contractive=0.1),
-    "tied": dict(tied_weights=True),
-    "denoising": dict(noise="masking", noise_rate=0.25),
-}
-_DEFAULT_NOISE_RATE = {"none": 0.0, "gaussian": 0.3, "salt": 0.25, "masking": 0.25}
+from .data import ArrayData
+from .modules.autoencoder import (
+    DEFAULT_NOISE_RATE,
+    ImageAutoencoderHyperparameters,
+    ImageAutoencoderModule,
+    resolved_settings,
+)
 
 
 class ImageAutoencoder(ArrayModel):
-    """Autoencoders of images or vectors (see :mod:`sclatent.modules.image_autoencoder` for the maths).
+    """Autoencoders of images or vectors (see :mod:`sclatent.images.modules.autoencoder` for the maths).
+
+    ``kind`` picks a preset: ``"linear"`` (PCA as an autoencoder: squared error on
+    pixel-mean-centred inputs, its decoder converges to the top principal subspace),
+    ``"bottleneck"`` (MLP), ``"sparse"`` (L1 on the code, default weight 0.1), ``"contractive"``
+    (Hutchinson ``||J||_F^2``, default weight 0.1), ``"tied"`` (decoder = transposed encoder) or
+    ``"denoising"`` (default ``noise="masking"`` at rate 0.25). The settings left None take the
+    kind's values, and the model stores (and saves) the resolved ones.
 
     Parameters
     ----------
     input_shape
         Shape of one item, e.g. ``(28, 28)``; flattened inside.
-    kind
-        ``"linear"`` (PCA as an autoencoder: squared error on pixel-mean-centred inputs, its
-        decoder converges to the top principal subspace), ``"bottleneck"`` (MLP), ``"sparse"`` (L1
-        on the code, default weight 0.1), ``"contractive"`` (Hutchinson ``||J||_F^2``, default
-        weight 0.1), ``"tied"`` (decoder = transposed encoder) or ``"denoising"`` (default
-        ``noise="masking"`` at rate 0.25).
-    n_latent, n_hidden, n_layers
-        Code width and hidden MLP of encoder and decoder (ignored by ``"linear"`` but the code width).
-    noise, noise_rate
-        Training corruption: ``"none"``, ``"gaussian"`` (``noise_rate`` is the standard deviation
-        in intensity units, default 0.3), ``"salt"`` (each pixel set to 0 with probability
-        ``noise_rate``, default 0.25) or ``"masking"`` (as salt, and the mask of hidden pixels is
-        concatenated to the input, doubling its width). Clean in evaluation.
-    sparsity, contractive
-        Penalty weights (nats per item per unit of ``|code|_1`` / ``||J||_F^2``).
-    tied_weights
-        Decoder matrices are the transposes of the encoder's (also for ``"linear"``).
-    likelihood
-        ``"bernoulli"`` (default; cross-entropy on intensities in [0, 1]) or ``"gaussian"`` (squared
-        error; forced for ``"linear"``; inputs may then be any finite vectors).
+    {hyperparameters}
     seed
         Initial weights and training order.
 
@@ -62,50 +45,17 @@ class ImageAutoencoder(ArrayModel):
     """
 
     module_class = ImageAutoencoderModule
+    hyperparameters_class = ImageAutoencoderHyperparameters
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        kind: str = "bottleneck",
-        n_latent: int = 32,
-        n_hidden: int = 256,
-        n_layers: int = 1,
-        noise: str | None = None,
-        noise_rate: float | None = None,
-        sparsity: float | None = None,
-        contractive: float | None = None,
-        tied_weights: bool | None = None,
-        likelihood: str | None = None,
-        seed: int = 0,
-    ) -> None:
-        if kind not in IMAGE_AE_KINDS:
-            raise ValueError(f"kind must be one of {IMAGE_AE_KINDS}, got {kind!r}.")
-        given = dict(
-            noise=noise,
-            noise_rate=noise_rate,
-            sparsity=sparsity,
-            contractive=contractive,
-            tied_weights=tied_weights,
-            likelihood=likelihood,
-        )
-        settings = {"noise": "none", "sparsity": 0.0, "contractive": 0.0, "tied_weights": False}
-        settings["likelihood"] = "bernoulli"
-        settings.update(_KIND_DEFAULTS[kind])
-        settings.update({k: v for k, v in given.items() if v is not None})
-        if noise_rate is None and "noise_rate" not in _KIND_DEFAULTS[kind]:
-            settings["noise_rate"] = _DEFAULT_NOISE_RATE.get(settings["noise"], 0.0)
-        if kind == "denoising" and settings["noise"] == "none":
-            raise ValueError("kind='denoising' needs a corruption: noise='gaussian', 'salt' or 'masking'.")
-        self.input_range = (0.0, 1.0) if settings["likelihood"] == "bernoulli" else None
-        super().__init__(
-            input_shape,
-            seed=seed,
-            kind=kind,
-            n_latent=int(n_latent),
-            n_hidden=int(n_hidden),
-            n_layers=int(n_layers),
-            **settings,
-        )
+    def __init__(self, input_shape: tuple[int, ...], *, seed: int = 0, **hyperparameters: Any) -> None:
+        # the kind's settings in place of the unset ones: saved as such
+        resolved = resolved_settings(ImageAutoencoderHyperparameters.from_dict(hyperparameters))
+        super().__init__(input_shape, seed=seed, **resolved.to_dict())
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        # a Gaussian-likelihood model takes any finite values
+        return (0.0, 1.0) if self.hyperparameters["likelihood"] == "bernoulli" else None
 
     def _before_training(self, data: ArrayData, train_indices: np.ndarray) -> None:
         # centre the linear AE on the training pixel means, once (later calls continue training)
@@ -119,6 +69,7 @@ class ImageAutoencoder(ArrayModel):
         ``history`` holds ``train_reconstruction`` (nats per item, the training objective's data
         term), ``train_mse`` (squared error per pixel, on corrupted inputs for denoising kinds) and
         the penalties ``train_l1`` / ``train_contractive``; ``validation_*`` on clean held-out items.
+        Early stopping watches ``reconstruction`` unless ``monitor`` says otherwise.
         """
         return super().train(x, y, max_epochs=max_epochs, **kwargs)
 
@@ -126,18 +77,17 @@ class ImageAutoencoder(ArrayModel):
 
     def _noise_rate(self, noise: str | None, noise_rate: float | None) -> float:
         """``noise_rate``, or the model's own rate for its own noise kind, else that kind's default."""
-        if noise not in _DEFAULT_NOISE_RATE and noise is not None:
-            raise ValueError(f"noise must be one of {tuple(_DEFAULT_NOISE_RATE)}, got {noise!r}.")
+        if noise not in DEFAULT_NOISE_RATE and noise is not None:
+            raise ValueError(f"noise must be one of {tuple(DEFAULT_NOISE_RATE)}, got {noise!r}.")
         if noise_rate is not None:
             return float(noise_rate)
         if noise is None or noise == "none":
             return 0.0
-        return self.module.noise.rate if noise == self.module.noise.kind else _DEFAULT_NOISE_RATE[noise]
+        return self.module.noise.rate if noise == self.module.noise.kind else DEFAULT_NOISE_RATE[noise]
 
     def _corrupted_batches(self, x, noise: str | None, noise_rate: float | None, seed: int, function, batch_size: int):
         """``function(corrupted flat items, mask, clean flat items)`` over eval-mode minibatches of ``x``,
-        the corruption drawn from a generator seeded with ``seed`` (the same corruption every call)."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        the corruption drawn with ``seed`` (the same corruption every call)."""
         module = self.module
         rate = self._noise_rate(noise, noise_rate)
 
@@ -145,11 +95,12 @@ class ImageAutoencoder(ArrayModel):
             clean = batch.x.reshape(batch.size, -1)
             if noise is None or noise == "none":
                 return function(clean, None, clean)
-            corrupted, mask = module.corrupt(clean, noise, rate, generator)
+            corrupted, mask = module.corrupt(clean, noise, rate)
             # a model trained with "masking" is told which pixels are hidden; other models are not
             return function(corrupted, mask if module.noise.kind == "masking" else None, clean)
 
-        return self._map(apply, x, batch_size)
+        with seeded(seed, self.device):
+            return self._map(apply, x, batch_size)
 
     def encode(self, x, batch_size: int = 1024) -> np.ndarray:
         """``(N, n_latent)`` codes of clean items ``x`` (for ``"linear"``: PCA scores up to an invertible map)."""
@@ -204,8 +155,8 @@ class ImageAutoencoder(ArrayModel):
         ``noise`` defaults to the model's own corruption."""
         noise = self.module.noise.kind if noise is None else noise
         rate = self._noise_rate(noise, noise_rate)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        out = self._map(lambda b: torch.cat(self.module.corrupt(b.x.reshape(b.size, -1), noise, rate, generator), 1), x)
+        with seeded(seed, self.device):
+            out = self._map(lambda b: torch.cat(self.module.corrupt(b.x.reshape(b.size, -1), noise, rate), 1), x)
         n = out.shape[1] // 2
         return out[:, :n].reshape(len(out), *self.input_shape), out[:, n:].reshape(len(out), *self.input_shape)
 

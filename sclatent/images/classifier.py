@@ -5,22 +5,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..modules.digit_classifier import DigitClassifierModule
 from ._base import ArrayModel
+from .modules.classifier import DigitClassifierHyperparameters, DigitClassifierModule
 
 
 class DigitClassifier(ArrayModel):
     """Convolutional digit classifier (two stride-2 conv stages, 128 features, softmax).
 
     Two epochs on MNIST reach about 98.5-99 % test accuracy on CPU in a minute or two. Its
-    :meth:`features` feed :func:`sclatent.metrics.images.frechet_distance`.
+    :meth:`features` feed :func:`sclatent.images.metrics.frechet_distance`.
 
     Parameters
     ----------
     input_shape
         ``(H, W)`` (or ``(1, H, W)``) of the images, e.g. ``(28, 28)``.
-    n_classes, n_features, dropout_rate
-        See :class:`sclatent.modules.digit_classifier.DigitClassifierModule`.
+    {hyperparameters}
+    seed
+        Initial weights and, by default, training.
 
     Examples
     --------
@@ -30,14 +31,16 @@ class DigitClassifier(ArrayModel):
     """
 
     module_class = DigitClassifierModule
+    hyperparameters_class = DigitClassifierHyperparameters
     needs_labels = True
 
     def train(self, x, y=None, max_epochs: int = 2, **kwargs) -> DigitClassifier:
         """Fit by cross-entropy (see :meth:`ArrayModel.train`); labels are required.
 
-        ``history`` holds ``train_reconstruction`` (the cross-entropy) and ``train_error``.
+        ``history`` holds ``train_cross_entropy`` and ``train_error`` (the 0/1 error rate, what
+        early stopping watches unless ``monitor`` says otherwise).
         """
-        return super().train(x, y, max_epochs=max_epochs, monitor="error", **kwargs)
+        return super().train(x, y, max_epochs=max_epochs, **kwargs)
 
     def predict_proba(self, x, batch_size: int = 1024) -> np.ndarray:
         """``(N, n_classes)`` class probabilities of images ``x`` in [0, 1]."""

@@ -7,14 +7,15 @@ uses them afterwards to ask whether a translated digit is still the same digit.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 
-from ..datasets import ImageSet
-from ..datasets._domains import domain_transform, rotate
-from ..metrics.images import frechet_distance
-from ..modules.cyclegan import DIRECTIONS, CycleGANModule
+from ..datasets import ImageSet, domain_transform, rotate
 from ._base import ArrayModel
 from .classifier import DigitClassifier
+from .metrics import frechet_distance
+from .modules.cyclegan import DIRECTIONS, CycleGANHyperparameters, CycleGANModule
 
 
 class CycleGAN(ArrayModel):
@@ -22,23 +23,18 @@ class CycleGAN(ArrayModel):
 
     Generators ``G: A -> B`` and ``F: B -> A`` (small ResNet generators, outputs in [0, 1]) and
     PatchGAN discriminators, trained adversarially (least squares) with cycle-consistency and
-    identity L1 losses; see :class:`sclatent.modules.cyclegan.CycleGANModule` for the objective.
+    identity L1 losses; see :class:`sclatent.images.modules.cyclegan.CycleGANModule` for the objective.
 
     Parameters
     ----------
     input_shape
-        ``(H, W)`` of the images of both domains, e.g. ``(28, 28)``.
-    n_filters, n_residual_blocks
-        Network sizes (defaults: 16 filters, 2 residual blocks: 113 k parameters in all, about
-        1 s per minibatch of 64 MNIST pairs on one CPU thread; 8 filters is 4x cheaper).
-    lambda_cycle
-        Weight of the cycle losses (10, as the paper).
-    lambda_identity
-        Weight of the identity losses relative to ``lambda_cycle`` (0.5, as the paper).
-    gan_loss
-        ``"lsgan"`` (the paper's least squares) or ``"bce"``.
+        ``(H, W)`` of the images of both domains, e.g. ``(28, 28)`` (``(1, H, W)`` is read as ``(H, W)``).
+    {hyperparameters}
     seed
         Initial weights and, by default, training.
+
+    The default sizes (16 filters, 2 residual blocks: 113 k parameters in all) take about 1 s per
+    minibatch of 64 MNIST pairs on one CPU thread; 8 filters is 4x cheaper.
 
     Examples
     --------
@@ -49,29 +45,15 @@ class CycleGAN(ArrayModel):
     """
 
     module_class = CycleGANModule
+    hyperparameters_class = CycleGANHyperparameters
+    # True only inside train(), whose items are (A image, B image) pairs
+    _accept_pairs: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        n_filters: int = 16,
-        n_residual_blocks: int = 2,
-        lambda_cycle: float = 10.0,
-        lambda_identity: float = 0.5,
-        gan_loss: str = "lsgan",
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, input_shape: tuple[int, ...], *, seed: int = 0, **hyperparameters: Any) -> None:
+        # grey-scale images (1, H, W) are stored as (H, W)
         shape = tuple(int(s) for s in input_shape)
         shape = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
-        super().__init__(
-            shape,
-            seed=seed,
-            n_filters=n_filters,
-            n_residual_blocks=n_residual_blocks,
-            lambda_cycle=lambda_cycle,
-            lambda_identity=lambda_identity,
-            gan_loss=gan_loss,
-        )
-        self._accept_pairs = False
+        super().__init__(shape, seed=seed, **hyperparameters)
 
     def _check_inputs(self, x, y=None, require_labels: bool = False):
         # inside train(), the items are (A image, B image) pairs (N, 2, H, W) built there
@@ -153,7 +135,7 @@ class CycleGAN(ArrayModel):
                 progress_bar=progress_bar,
             )
         finally:
-            self._accept_pairs = False
+            del self._accept_pairs  # back to the class's False
 
     # ----------------------------------------------------------------- translation
 

@@ -1,18 +1,19 @@
 """Minibatches of dense arrays (images, vectors) for the same trainer that fits the cell models.
 
-:class:`ArrayData` mirrors the one method of :class:`sclatent.data.CellData` the trainer uses,
-``iterate(indices, batch_size, shuffle, generator, drop_last)``; its minibatches are
-:class:`ArrayBatch` es. The arrays live on the compute device once, and minibatches are indexed
-there.
+:class:`ArrayData` is the image side's :class:`~sclatent.contracts.TrainingData` (the contract
+:class:`sclatent.data.CellData` implements for cells); its minibatches are :class:`ArrayBatch` es.
+The arrays live on the compute device once, and minibatches are indexed there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..contracts import TrainingData, index_tensor, minibatch_sizes
 
 
 @dataclass
@@ -38,8 +39,8 @@ class ArrayBatch:
         return self.x.shape[0]
 
 
-class ArrayData:
-    """Items ``x`` (and optional labels ``y``) as tensors on ``device``.
+class ArrayData(TrainingData):
+    """Items ``x`` (and optional labels ``y``) as tensors on ``device``: a :class:`~sclatent.contracts.TrainingData`.
 
     Parameters
     ----------
@@ -62,8 +63,10 @@ class ArrayData:
     def n_items(self) -> int:
         return self.x.shape[0]
 
-    # the trainer and the cell models call it n_cells
-    n_cells = n_items
+    @property
+    def n_cells(self) -> int:
+        """The number of items (the name the contract shares with the cell data)."""
+        return self.n_items
 
     def iterate(
         self,
@@ -72,14 +75,16 @@ class ArrayData:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        batch_sizes: Sequence[int] | None = None,
     ) -> Iterator[ArrayBatch]:
-        """Minibatches over ``indices``, optionally in a seeded random order (``generator`` on CPU)."""
-        indices = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
-        if shuffle:
-            indices = indices[torch.randperm(indices.numel(), generator=generator)]
+        """Minibatches over ``indices``, optionally in a seeded random order (``generator`` on CPU).
+
+        ``batch_sizes`` (positive, summing to ``len(indices)``) sets every minibatch's size.
+        """
+        indices = self.epoch_order(indices, generator) if shuffle else index_tensor(indices)
         indices = indices.to(self.device)
-        n = indices.numel()
-        stop = n - n % batch_size if drop_last and n >= batch_size else n
-        for begin in range(0, stop, batch_size):
-            index = indices[begin : min(stop, begin + batch_size)]
+        begin = 0
+        for size in minibatch_sizes(indices.numel(), batch_size, drop_last, batch_sizes):
+            index = indices[begin : begin + size]
+            begin += size
             yield ArrayBatch(self.x[index], None if self.y is None else self.y[index], index)

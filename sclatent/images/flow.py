@@ -12,14 +12,22 @@ measured on a separate pool, would show it if it did.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from ..data.arrays import ArrayData
-from ..modules.density_flow import EnergyFlowModule, SampleFlowModule
-from ..modules.image_flow import ImageFlowModule
-from ..nn.pixels import bits_per_dim as _bits_per_dim
+from ..base import seeded
 from ._base import ArrayModel
+from .data import ArrayData
+from .modules.density_flow import (
+    DensityFlowHyperparameters,
+    EnergyFlowHyperparameters,
+    EnergyFlowModule,
+    SampleFlowModule,
+)
+from .modules.flow import ImageFlowHyperparameters, ImageFlowModule
+from .nn.pixels import bits_per_dim as _bits_per_dim
 
 
 class ImageFlow(ArrayModel):
@@ -28,17 +36,14 @@ class ImageFlow(ArrayModel):
     Inputs are intensities ``k / (levels - 1)`` in ``[0, 1]`` (what ``ImageSet.unit()`` gives) and
     must lie on that grid; each time an image is seen it is dequantised to ``(k + u) / levels``,
     ``u ~ U(0, 1)`` (Theis et al. 2016). The training loss is the NLL of the dequantised images in
-    nats per image; ``history["train_bits_per_dim"]`` the same in bits per pixel of the discrete
-    data (an upper bound on the discrete model's, by Jensen).
+    nats per image (``history["train_nll"]``); ``history["train_bits_per_dim"]`` the same in bits
+    per pixel of the discrete data (an upper bound on the discrete model's, by Jensen).
 
     Parameters
     ----------
     input_shape
         ``(H, W)`` or ``(C, H, W)``, e.g. ``(28, 28)``; ``H``, ``W`` divisible by ``2 ** n_scales``.
-    levels
-        Grey levels of the data (256 for MNIST, 17 for the 8x8 digits).
-    n_scales, n_steps, n_hidden, mask, scale, learn_prior, preprocess, alpha
-        See :class:`sclatent.modules.image_flow.ImageFlowModule`.
+    {hyperparameters}
     seed
         Initial weights (including the 1x1 convolutions' rotations) and training.
 
@@ -50,35 +55,12 @@ class ImageFlow(ArrayModel):
     """
 
     module_class = ImageFlowModule
+    hyperparameters_class = ImageFlowHyperparameters
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        levels: int = 256,
-        n_scales: int = 2,
-        n_steps: int = 8,
-        n_hidden: int = 64,
-        mask: str = "channel",
-        scale: str = "tanh",
-        learn_prior: bool = True,
-        preprocess: str = "logit",
-        alpha: float = 0.05,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            input_shape,
-            seed=seed,
-            levels=levels,
-            n_scales=n_scales,
-            n_steps=n_steps,
-            n_hidden=n_hidden,
-            mask=mask,
-            scale=scale,
-            learn_prior=learn_prior,
-            preprocess=preprocess,
-            alpha=alpha,
-        )
-        self.levels = int(levels)
+    @property
+    def levels(self) -> int:
+        """Grey levels of the data."""
+        return self.hyperparameters["levels"]
 
     def _check_inputs(self, x, y=None, require_labels: bool = False):
         levels = getattr(x, "levels", None)
@@ -100,10 +82,10 @@ class ImageFlow(ArrayModel):
         """Actnorm's data-dependent initialisation on up to 512 seeded random training images (first call only)."""
         if self.module.initialised:
             return
-        generator = torch.Generator().manual_seed(self.seed)
-        pick = torch.randperm(len(train_indices), generator=generator)[:512]
-        x = data.x[torch.as_tensor(train_indices[pick.numpy()], device=data.device)]
-        self.module.initialise(self.module.dequantise(x, generator=None if x.is_cuda else generator))
+        with seeded(self.seed, data.device):
+            pick = torch.randperm(len(train_indices))[:512]
+            x = data.x[torch.as_tensor(train_indices[pick.numpy()], device=data.device)]
+            self.module.initialise(self.module.dequantise(x))
 
     def train(self, x, y=None, max_epochs: int = 10, batch_size: int = 64, lr: float = 1e-3, **kwargs) -> ImageFlow:
         """Maximum likelihood on freshly dequantised images (see :meth:`ArrayModel.train`)."""
@@ -117,16 +99,15 @@ class ImageFlow(ArrayModel):
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
-        generator = torch.Generator().manual_seed(seed)
 
         def function(batch):
             total = torch.zeros(batch.size, dtype=torch.float64)
             for _ in range(n_samples):
-                noise_generator = None if batch.x.is_cuda else generator
-                total += self.module.log_prob(self.module.dequantise(batch.x, noise_generator)).double().cpu()
+                total += self.module.log_prob(self.module.dequantise(batch.x)).double().cpu()
             return total / n_samples
 
-        return self._map(function, x, batch_size)
+        with seeded(seed, self.device):
+            return self._map(function, x, batch_size)
 
     def bits_per_dim(self, x, n_samples: int = 1, seed: int = 0) -> float:
         """Mean bits per dimension of the discrete images ``x`` (``(NLL + D log K) / (D log 2)``, dequantised NLL)."""
@@ -141,8 +122,9 @@ class ImageFlow(ArrayModel):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
         self.module.eval()
-        generator = torch.Generator().manual_seed(seed)
-        return self.module.sample(n, temperature, generator).cpu().numpy().astype(np.float32)
+        # (the latents are drawn on the CPU and moved: a seed gives the same images on any device)
+        with seeded(seed, self.device):
+            return self.module.sample(n, temperature).cpu().numpy().astype(np.float32)
 
 
 class EnergyFlow(ArrayModel):
@@ -151,13 +133,10 @@ class EnergyFlow(ArrayModel):
     Parameters
     ----------
     input_shape
-        ``(2,)`` (first so that :meth:`load` can rebuild it; pass the rest by keyword).
-    energy
-        ``"U1"`` .. ``"U4"``.
-    n_flows
-        Planar layers ``K``.
-    bounded
-        Energies with the wall outside ``|z1| <= 4`` (finite ``Z``; see :func:`sclatent.datasets.energy`).
+        ``(2,)`` (the default; the energies are 2-D).
+    {hyperparameters}
+    seed
+        Initial weights and, by default, training (its pool of base draws too).
 
     Examples
     --------
@@ -166,17 +145,11 @@ class EnergyFlow(ArrayModel):
     """
 
     module_class = EnergyFlowModule
+    hyperparameters_class = EnergyFlowHyperparameters
     input_range = None
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...] = (2,),
-        seed: int = 0,
-        energy: str = "U1",
-        n_flows: int = 16,
-        bounded: bool = True,
-    ) -> None:
-        super().__init__(input_shape, seed=seed, energy=energy, n_flows=n_flows, bounded=bounded)
+    def __init__(self, input_shape: tuple[int, ...] = (2,), *, seed: int = 0, **hyperparameters: Any) -> None:
+        super().__init__(input_shape, seed=seed, **hyperparameters)
 
     def train(
         self,
@@ -192,21 +165,24 @@ class EnergyFlow(ArrayModel):
 
         ``x`` may give the pool of base draws ``(N, 2)`` explicitly; by default it is drawn from the
         model's seed (or ``seed=``). Each epoch is one pass over the pool. ``history``:
-        ``train_elbo`` is the bound ``-F`` on ``log Z``, ``train_reverse_kl`` the divergence (nats).
+        ``train_elbo`` is the bound ``-F`` on ``log Z`` (``-(train_energy + train_log_q)``),
+        ``train_reverse_kl`` the divergence (nats); early stopping watches the ELBO.
         """
         seed = kwargs.get("seed")
-        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        if x is None:
-            if n_samples < 2:
-                raise ValueError(f"n_samples must be >= 2, got {n_samples}.")
-            x = torch.randn((n_samples, 2), generator=generator).numpy()
-        kwargs.setdefault("validation", torch.randn((4096, 2), generator=generator).numpy())
+        if x is None and n_samples < 2:
+            raise ValueError(f"n_samples must be >= 2, got {n_samples}.")
+        with seeded(self.seed if seed is None else seed):
+            if x is None:
+                x = torch.randn((n_samples, 2)).numpy()
+            validation = torch.randn((4096, 2)).numpy()
+        kwargs.setdefault("validation", validation)
         return super().train(x, None, max_epochs=max_epochs, batch_size=batch_size, lr=lr, **kwargs)
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """``(n, 2)`` draws of the fitted ``q``."""
         self.module.eval()
-        return self.module.sample(n, torch.Generator().manual_seed(seed)).cpu().numpy()
+        with seeded(seed, self.device):
+            return self.module.sample(n).cpu().numpy()
 
     def log_prob(self, z, batch_size: int = 4096) -> np.ndarray:
         """``(N,)`` ``log q(z)`` (nats) of the flow at points ``(N, 2)`` (layer inverses by bisection)."""
@@ -216,7 +192,8 @@ class EnergyFlow(ArrayModel):
     def reverse_kl(self, n_samples: int = 65536, seed: int = 1) -> float:
         """Monte Carlo ``KL(q || p) = E_q[log q + U] + log Z`` (nats) on fresh seeded draws."""
         self.module.eval()
-        u = torch.randn((n_samples, 2), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        with seeded(seed):
+            u = torch.randn((n_samples, 2)).to(self.device)
         z, log_det = self.module(u)
         log_q = -0.5 * (u.pow(2).sum(-1) + 2 * np.log(2 * np.pi)) - log_det
         return float((log_q + self.module.energy(z)).mean()) + self.module.log_z
@@ -228,9 +205,10 @@ class DensityFlow(ArrayModel):
     Parameters
     ----------
     input_shape
-        ``(D,)``, e.g. ``(2,)`` for the toy samplers.
-    kind, n_flows, n_hidden
-        See :class:`sclatent.nn.flows.FlowPrior`.
+        ``(D,)``, e.g. ``(2,)`` for the toy samplers (the default).
+    {hyperparameters}
+    seed
+        Initial weights and, by default, training.
 
     Examples
     --------
@@ -240,17 +218,11 @@ class DensityFlow(ArrayModel):
     """
 
     module_class = SampleFlowModule
+    hyperparameters_class = DensityFlowHyperparameters
     input_range = None
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...] = (2,),
-        seed: int = 0,
-        kind: str = "realnvp",
-        n_flows: int = 8,
-        n_hidden: int = 64,
-    ) -> None:
-        super().__init__(input_shape, seed=seed, kind=kind, n_flows=n_flows, n_hidden=n_hidden)
+    def __init__(self, input_shape: tuple[int, ...] = (2,), *, seed: int = 0, **hyperparameters: Any) -> None:
+        super().__init__(input_shape, seed=seed, **hyperparameters)
 
     def log_prob(self, x, batch_size: int = 4096) -> np.ndarray:
         """``(N,)`` ``log p(x)`` (nats)."""
@@ -259,7 +231,8 @@ class DensityFlow(ArrayModel):
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """``(n, D)`` draws."""
         self.module.eval()
-        return self.module.sample(n, torch.Generator().manual_seed(seed)).cpu().numpy()
+        with seeded(seed, self.device):
+            return self.module.sample(n).cpu().numpy()
 
 
 def pixel_histogram_bits_per_dim(train, test, smoothing: float = 1.0) -> float:

@@ -2,44 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from ..modules.image_gan import ImageGANModule
+from ..base import seeded
 from ._base import ArrayModel
+from .modules.gan import ImageGANHyperparameters, ImageGANModule
 
 
 class ImageGAN(ArrayModel):
     """Generative adversarial network of images in [0, 1], trained by the package's one trainer.
 
     The generator and the discriminator are two parameter groups of
-    :class:`sclatent.modules.image_gan.ImageGANModule`, each with its own Adam (betas
+    :class:`sclatent.images.modules.gan.ImageGANModule`, each with its own Adam (betas
     ``(0.5, 0.999)`` non-saturating, ``(0.5, 0.9)`` WGAN-GP) and its own objective; on each
-    minibatch the discriminator steps, and the generator every ``n_critic``-th minibatch.
+    minibatch the discriminator steps, and the generator every ``n_critic``-th minibatch. A
+    ``conditional`` GAN's training needs labels and :meth:`sample` takes the class of each image.
 
     Parameters
     ----------
     input_shape
         ``(H, W)`` or ``(C, H, W)`` of the images (``(D,)`` vectors with ``architecture="mlp"``).
-    n_latent
-        Width of the generator's noise ``z ~ N(0, I)``.
-    architecture
-        ``"dcgan"`` (transposed-convolution generator with BatchNorm, stride-2 convolutional
-        discriminator) or ``"mlp"``.
-    loss
-        ``"nonsaturating"`` (Goodfellow et al. 2014) or ``"wgan-gp"`` (Gulrajani et al. 2017).
-    spectral_norm
-        Spectral normalisation of the discriminator's layers (Miyato et al. 2018).
-    conditional
-        Class-conditional generator and (projection) discriminator; training then needs labels
-        and :meth:`sample` takes the class of each image.
-    n_classes
-        Classes of a conditional GAN.
+    {hyperparameters}
     seed
         Initial weights and, by default, training.
-    **kwargs
-        Further settings of the module (``generator_widths``, ``discriminator_widths``,
-        ``n_features``, ``n_critic``, ``gradient_penalty_weight``, ``betas``).
 
     Examples
     --------
@@ -49,48 +37,19 @@ class ImageGAN(ArrayModel):
     """
 
     module_class = ImageGANModule
+    hyperparameters_class = ImageGANHyperparameters
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        n_latent: int = 64,
-        architecture: str = "dcgan",
-        loss: str = "nonsaturating",
-        spectral_norm: bool = False,
-        conditional: bool = False,
-        n_classes: int = 10,
-        seed: int = 0,
-        **kwargs,
-    ) -> None:
-        for key in ("generator_widths", "discriminator_widths", "betas"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = list(kwargs[key])  # JSON-friendly in metadata.json
-        super().__init__(
-            input_shape,
-            seed=seed,
-            n_latent=n_latent,
-            architecture=architecture,
-            loss=loss,
-            spectral_norm=spectral_norm,
-            conditional=conditional,
-            n_classes=n_classes,
-            **kwargs,
-        )
-        self.needs_labels = bool(conditional)
-
-    def _module_kwargs(self) -> dict:
-        settings = dict(self.hyperparameters)
-        conditional, n_classes = settings.pop("conditional"), settings.pop("n_classes")
-        if conditional and n_classes < 2:
-            raise ValueError(f"a conditional GAN needs n_classes >= 2, got {n_classes}.")
-        for key in ("generator_widths", "discriminator_widths", "betas"):
-            if settings.get(key) is not None:
-                settings[key] = tuple(settings[key])
-        return {"input_shape": self.input_shape, "n_classes": n_classes if conditional else 0, **settings}
+    def _module_kwargs(self) -> dict[str, Any]:
+        conditional, n_classes = self.hyperparameters["conditional"], self.hyperparameters["n_classes"]
+        return {**super()._module_kwargs(), "n_classes": n_classes if conditional else 0}
 
     @property
     def conditional(self) -> bool:
         return bool(self.hyperparameters["conditional"])
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.conditional
 
     def train(self, x, y=None, max_epochs: int = 20, batch_size: int = 64, lr: float = 2e-4, **kwargs) -> ImageGAN:
         """Fit both players (see :meth:`ArrayModel.train`; early stopping does not apply to a GAN).
@@ -132,13 +91,17 @@ class ImageGAN(ArrayModel):
         elif labels is not None:
             raise ValueError("this GAN is unconditional: it takes no labels (build it with conditional=True).")
         self.module.eval()
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         device = self.device
+        # a seeded draw takes the noise from the CPU: the same images on any device
+        noise_device = "cpu" if seed is not None else None
         chunks = []
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            chunk_labels = None if labels is None else torch.as_tensor(labels[start:stop], dtype=torch.int64).to(device)
-            chunks.append(self.module.generate(stop - start, chunk_labels, generator).cpu())
+        with seeded(seed, device):
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                chunk_labels = (
+                    None if labels is None else torch.as_tensor(labels[start:stop], dtype=torch.int64).to(device)
+                )
+                chunks.append(self.module.generate(stop - start, chunk_labels, noise_device=noise_device).cpu())
         if not chunks:
             return np.zeros((0, *self.input_shape), dtype=np.float32)
         return torch.cat(chunks).numpy().astype(np.float32, copy=False)
@@ -155,7 +118,7 @@ def evaluate_image_gan(gan: ImageGAN, classifier, train, test, n: int = 5000, se
       class being what ``accuracy`` checks);
     * ``"real"``: the first half of the test images (the floor: what a perfect generator scores;
       ``accuracy`` is the classifier's test accuracy);
-    * ``"baseline"``: :func:`sclatent.metrics.images.gaussian_baseline_samples` of the training
+    * ``"baseline"``: :func:`sclatent.images.metrics.gaussian_baseline_samples` of the training
       images (per class when ``gan`` is conditional).
 
     Parameters
@@ -173,7 +136,7 @@ def evaluate_image_gan(gan: ImageGAN, classifier, train, test, n: int = 5000, se
     -------
     ``{"model" | "real" | "baseline": {"frechet", "confidence", "class_entropy"[, "accuracy"]}}``.
     """
-    from ..metrics.images import gaussian_baseline_samples, generator_scores
+    from .metrics import gaussian_baseline_samples, generator_scores
 
     n = min(int(n), len(test) // 2)
     if n < 2:

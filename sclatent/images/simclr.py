@@ -7,37 +7,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..modules.simclr import ImageSimCLRModule
+from ..base import seeded
 from ._base import ArrayModel
+from .modules.simclr import ImageSimCLRModule, SimCLRHyperparameters
 
 
 class SimCLR(ArrayModel):
     """Self-supervised image representations: two augmented views per image, NT-Xent between them.
 
     A conv encoder (or an MLP) maps each view to ``h``; a projection head maps ``h`` to the space
-    where NT-Xent (:func:`sclatent.modules.contrastive.nt_xent`, the cell model's loss) pulls the
+    where NT-Xent (:func:`sclatent.nn.contrastive.nt_xent`, the cell model's loss) pulls the
     two views of an image together and pushes the other ``2B - 2`` views of the minibatch away.
     :meth:`get_representation` returns ``h`` of the clean images; judge it with a linear probe
-    (:func:`sclatent.metrics.images.linear_probe_accuracy`).
+    (:func:`sclatent.images.metrics.linear_probe_accuracy`).
 
     Parameters
     ----------
     input_shape
         ``(H, W)`` or ``(C, H, W)``, e.g. ``(28, 28)``.
-    n_representation
-        Width of the representation ``h``.
-    n_projection
-        Width of the projection head's output (the space NT-Xent compares).
-    temperature
-        NT-Xent temperature.
-    augmentations
-        Settings of :class:`sclatent.nn.image_augment.ImageAugmentation` (crop, affine, blur,
-        noise, adjacent views; its defaults for the others), e.g. ``{"noise_std": 0.2}``.
+    {hyperparameters}
     seed
         Initial weights and, by default, training.
-    **hyperparameters
-        Further :class:`sclatent.modules.simclr.ImageSimCLRModule` settings: ``encoder`` (``"conv"``
-        or ``"mlp"``), ``widths``, ``n_hidden``, ``n_layers``, ``n_projection_hidden``.
 
     Examples
     --------
@@ -48,42 +38,24 @@ class SimCLR(ArrayModel):
     """
 
     module_class = ImageSimCLRModule
+    hyperparameters_class = SimCLRHyperparameters
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        n_representation: int = 64,
-        n_projection: int = 32,
-        temperature: float = 0.5,
-        augmentations: dict[str, Any] | None = None,
-        seed: int = 0,
-        **hyperparameters: Any,
-    ) -> None:
-        if augmentations is not None and not isinstance(augmentations, dict):
-            raise ValueError(
-                "augmentations must be a dict of ImageAugmentation settings or None, "
-                f"got {type(augmentations).__name__}."
-            )
-        super().__init__(
-            input_shape,
-            seed=seed,
-            n_representation=n_representation,
-            n_projection=n_projection,
-            temperature=temperature,
-            augmentations=None if augmentations is None else dict(augmentations),
-            **hyperparameters,
-        )
+    def __init__(self, input_shape: tuple[int, ...], *, seed: int = 0, **hyperparameters: Any) -> None:
+        # a copy of the caller's augmentations: later changes to their dict do not reach the model
+        augmentations = hyperparameters.get("augmentations")
+        if isinstance(augmentations, dict):
+            hyperparameters["augmentations"] = dict(augmentations)
+        super().__init__(input_shape, seed=seed, **hyperparameters)
 
     def train(self, x, y=None, max_epochs: int = 20, batch_size: int = 256, **kwargs) -> SimCLR:
         """Fit by NT-Xent (see :meth:`ArrayModel.train`); labels are ignored.
 
         NT-Xent's negatives are the other images of the minibatch, hence a larger default batch
         than the other models. ``history`` holds ``train_nt_xent`` (nats per image) and, with
-        ``validation``, ``validation_nt_xent`` on fixed (seeded) views.
+        ``validation``, ``validation_nt_xent`` on fixed (seeded) views; early stopping watches it.
         """
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (an image needs other images as negatives), got {batch_size}.")
-        kwargs.setdefault("monitor", "nt_xent")
         return super().train(x, None, max_epochs=max_epochs, batch_size=batch_size, **kwargs)
 
     def get_representation(self, x, batch_size: int = 1024) -> np.ndarray:
@@ -98,7 +70,6 @@ class SimCLR(ArrayModel):
         """Two augmented views ``(N, *input_shape)`` of each image of ``x``, drawn with ``seed``."""
         x, _ = self._check_inputs(x)
         images = torch.as_tensor(x, device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.no_grad():
-            v1, v2 = self.module.views(images, generator)
+        with torch.no_grad(), seeded(seed, self.device):
+            v1, v2 = self.module.views(images)
         return v1.reshape(x.shape).cpu().numpy(), v2.reshape(x.shape).cpu().numpy()

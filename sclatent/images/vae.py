@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from scipy.stats import norm
 
+from ..base import seeded
 from ..datasets import ImageSet
-from ..modules.image_vae import ImageVAEModule
 from ._base import ArrayModel
+from .modules.vae import ImageVAEHyperparameters, ImageVAEModule, resolved_binarisation
 
 
 def binarise_fixed_seed(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -55,7 +58,7 @@ class ImageVAE(ArrayModel):
     """Variational autoencoder for images (binarised, Bernoulli decoder) or continuous vectors (Gaussian decoder).
 
     MLP encoder and decoder (ReLU, no batch norm, no dropout), Gaussian ``q(z | x)``, ``N(0, I)``
-    prior, analytic KL: see :class:`sclatent.modules.image_vae.ImageVAEModule`. The defaults are
+    prior, analytic KL: see :class:`sclatent.images.modules.vae.ImageVAEModule`. The defaults are
     the one-stochastic-layer architecture of Burda et al. (2016): two hidden layers of 200 units
     and 50 latent dimensions (they use tanh units; these are ReLU).
 
@@ -79,12 +82,7 @@ class ImageVAE(ArrayModel):
     ----------
     input_shape
         Shape of one item, e.g. ``(28, 28)`` or ``(2,)``.
-    n_latent, n_hidden, n_layers
-        Latent dimension; width and depth of the encoder's and decoder's MLPs.
-    likelihood
-        ``"bernoulli"`` or ``"gaussian"``.
-    binarisation
-        ``"dynamic"`` (default for Bernoulli) or ``"fixed"``; must be None for Gaussian.
+    {hyperparameters}
     seed
         Initial weights and, by default, training (minibatch order, binarisation, z samples).
 
@@ -97,34 +95,22 @@ class ImageVAE(ArrayModel):
     """
 
     module_class = ImageVAEModule
+    hyperparameters_class = ImageVAEHyperparameters
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        n_latent: int = 50,
-        n_hidden: int = 200,
-        n_layers: int = 2,
-        likelihood: str = "bernoulli",
-        binarisation: str | None = None,
-        seed: int = 0,
-    ) -> None:
-        if binarisation is None and likelihood == "bernoulli":
-            binarisation = "dynamic"
+    def __init__(self, input_shape: tuple[int, ...], *, seed: int = 0, **hyperparameters: Any) -> None:
+        # a Bernoulli model's binarisation defaults to "dynamic": saved as such
+        likelihood = hyperparameters.get("likelihood", "bernoulli")
+        hyperparameters["binarisation"] = resolved_binarisation(likelihood, hyperparameters.get("binarisation"))
+        super().__init__(input_shape, seed=seed, **hyperparameters)
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
         # continuous data need not lie in [0, 1]
-        self.input_range = (0.0, 1.0) if likelihood == "bernoulli" else None
-        super().__init__(
-            input_shape,
-            seed=seed,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            likelihood=likelihood,
-            binarisation=binarisation,
-        )
+        return (0.0, 1.0) if self.hyperparameters["likelihood"] == "bernoulli" else None
 
     @property
     def n_latent(self) -> int:
-        return self.module.n_latent
+        return self.hyperparameters["n_latent"]
 
     # ----------------------------------------------------------------- data
 
@@ -137,19 +123,11 @@ class ImageVAE(ArrayModel):
         way to score several models on the very same binary test images.
         """
         x, _ = self._check_inputs(x)
-        if self.module.likelihood != "bernoulli":
+        if self.hyperparameters["likelihood"] != "bernoulli":
             return x
-        if self.module.binarisation == "fixed":
+        if self.hyperparameters["binarisation"] == "fixed":
             return (x > 0.5).astype(np.float32)
         return binarise_fixed_seed(x, binarisation_seed)
-
-    def _generator(self, seed: int | None) -> torch.Generator:
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
-        return generator
 
     def _batches(self, x: np.ndarray, batch_size: int):
         for start in range(0, len(x), batch_size):
@@ -192,11 +170,11 @@ class ImageVAE(ArrayModel):
         """
         observed = self.observed(x, binarisation_seed)
         self.module.eval()
-        generator = self._generator(seed)
         out = []
-        for batch in self._batches(observed, batch_size):
-            inf = self.module.inference(batch, generator=generator)
-            out.append((inf["qz_mean"] if give_mean else inf["z"][0]).cpu())
+        with seeded(seed, self.device):
+            for batch in self._batches(observed, batch_size):
+                inf = self.module.inference(batch)
+                out.append((inf["qz_mean"] if give_mean else inf["z"][0]).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_latent), dtype=np.float32)
 
     @torch.no_grad()
@@ -232,10 +210,10 @@ class ImageVAE(ArrayModel):
         if binary and self.module.likelihood != "bernoulli":
             raise ValueError("binary=True needs likelihood='bernoulli'.")
         self.module.eval()
-        generator = self._generator(seed)
-        means = self.module.sample(n, generator=generator)
-        if binary:
-            means = torch.bernoulli(means, generator=generator)
+        with seeded(seed, self.device):
+            means = self.module.sample(n)
+            if binary:
+                means = torch.bernoulli(means)
         return means.cpu().reshape(n, *self.input_shape).numpy()
 
     @torch.no_grad()
@@ -271,8 +249,8 @@ class ImageVAE(ArrayModel):
         """ELBO (nats per item; one sample of ``z``, analytic KL): the mean, or ``(N,)`` per item."""
         observed = self.observed(x, binarisation_seed)
         self.module.eval()
-        generator = self._generator(seed)
-        values = torch.cat([self.module.elbo(b, generator).cpu() for b in self._batches(observed, batch_size)])
+        with seeded(seed, self.device):
+            values = torch.cat([self.module.elbo(b).cpu() for b in self._batches(observed, batch_size)])
         return float(values.mean()) if return_mean else values.numpy()
 
     @torch.no_grad()
@@ -300,11 +278,8 @@ class ImageVAE(ArrayModel):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
         observed = self.observed(x, binarisation_seed)
         self.module.eval()
-        generator = self._generator(seed)
-        values = torch.cat(
-            [
-                self.module.marginal_log_likelihood(b, n_samples, generator).cpu()
-                for b in self._batches(observed, batch_size)
-            ]
-        )
+        with seeded(seed, self.device):
+            values = torch.cat(
+                [self.module.marginal_log_likelihood(b, n_samples).cpu() for b in self._batches(observed, batch_size)]
+            )
         return float(values.mean()) if return_mean else values.numpy()

@@ -1,10 +1,13 @@
-"""MLP with categorical/continuous covariate injection, Gaussian encoder and count decoder."""
+"""MLP with categorical/continuous covariate injection, Gaussian encoder, count decoder and a tied linear layer."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import _native
 from .sparse import SparseLinear, SparseRows
 
 
@@ -26,11 +29,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        kernel = None
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            from .. import _native
-
-            kernel = _native.library()
+        kernel = _native.kernels(x.device, x.dtype)
         if kernel is None:
             return nn.functional.dropout(x, self.p, training=True)
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
@@ -73,6 +72,63 @@ class InjectedLinear(nn.Module):
         if self.continuous is not None and cont is not None:
             out = out + self.continuous(cont)
         return out
+
+
+class TiedLinear(nn.Module):
+    """``x @ source.weight[:, :n_out] + bias``: the transpose of another layer's weight, own bias.
+
+    The source is referenced, not registered, so its weight is stored (and optimised) once.
+    """
+
+    def __init__(self, source: nn.Module, n_out: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_source", source)
+        self.n_out = n_out
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._source.weight  # (n_source_out, n_source_in): its rows are our inputs
+        return torch.addmm(self.bias, x, weight[:, : self.n_out])
+
+
+@dataclass(frozen=True)
+class LayerDescription:
+    """What one hidden layer of an :class:`MLP` computes, for code that evaluates it by other means
+    (the count VAE's fused training pass, :mod:`sclatent.modules.fused_elbo`).
+
+    The layer is ``dropout(activation(norm(x @ W.T + b + sum_k E_k[c_k] + cont @ C.T)))``.
+
+    Attributes
+    ----------
+    weight, bias
+        ``(n_in, n_out)`` and ``(n_out,)`` for a sparse-input layer (:class:`SparseLinear`),
+        ``(n_out, n_in)`` and ``(n_out,)`` for ``nn.Linear``.
+    sparse_input
+        Whether the layer reads :class:`SparseRows`.
+    embeddings
+        ``(n_categories, n_out)`` weights of the categorical covariates the layer reads.
+    covariate_indices
+        For each embedding, which of the minibatch's categorical codes (``MiniBatch.covariates()``,
+        batch first) it reads (covariates with one category have no embedding).
+    continuous_weight
+        ``(n_out, n_continuous)`` or None.
+    norm
+        The ``nn.BatchNorm1d`` (its affine parameters and running statistics), or None.
+    activation
+        ``"relu"``.
+    dropout
+        Dropout probability in training (0: none).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sparse_input: bool
+    embeddings: tuple[torch.Tensor, ...]
+    covariate_indices: tuple[int, ...]
+    continuous_weight: torch.Tensor | None
+    norm: nn.BatchNorm1d | None
+    activation: str
+    dropout: float
 
 
 class MLP(nn.Module):
@@ -126,6 +182,28 @@ class MLP(nn.Module):
                 post.append(Dropout(dropout_rate))
             self.post.append(nn.Sequential(*post))
         self.inject_covariates = inject_covariates
+
+    def describe(self) -> list[LayerDescription]:
+        """Each hidden layer's parameters and operations, in order (see :class:`LayerDescription`)."""
+        layers = []
+        for layer, post in zip(self.layers, self.post, strict=True):
+            parts = list(post)
+            norm = next((p for p in parts if isinstance(p, nn.BatchNorm1d)), None)
+            dropout = next((p.p for p in parts if isinstance(p, Dropout)), 0.0)
+            layers.append(
+                LayerDescription(
+                    weight=layer.linear.weight,
+                    bias=layer.linear.bias,
+                    sparse_input=isinstance(layer.linear, SparseLinear),
+                    embeddings=tuple(embedding.weight for embedding in layer.embeddings),
+                    covariate_indices=tuple(i for i, use in enumerate(layer._use_cat) if use),
+                    continuous_weight=None if layer.continuous is None else layer.continuous.weight,
+                    norm=norm,
+                    activation="relu",
+                    dropout=dropout,
+                )
+            )
+        return layers
 
     def forward(
         self, x: torch.Tensor | SparseRows, cats: list[torch.Tensor] = (), cont: torch.Tensor | None = None

@@ -15,10 +15,13 @@ mask for ``"masking"``, so the width is unchanged).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-NOISE_KINDS: tuple[str, ...] = ("none", "gaussian", "salt", "masking")
+NoiseKind = Literal["none", "gaussian", "salt", "masking"]
+NOISE_KINDS: tuple[str, ...] = get_args(NoiseKind)
 
 
 def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:

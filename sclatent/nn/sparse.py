@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import _native
+
 
 @dataclass(frozen=True)
 class SparseRows:
@@ -137,11 +139,9 @@ class SparseLinear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
     def _kernel(self, x: SparseRows):
-        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32 or x.values.dtype != torch.float32:
+        if x.values.dtype != self.weight.dtype or x.values.device != self.weight.device:
             return None
-        from .. import _native
-
-        return _native.library()
+        return _native.kernels(self.weight.device, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"n_in={self.n_in}, n_out={self.n_out}, bias={self.bias is not None}"

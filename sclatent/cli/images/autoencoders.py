@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 
-from ._images import Timer, add_image_arguments, load_images, output_folder, write_summary
-
-
-def _flat(images) -> tuple:
-    x = images.unit()
-    return x.reshape(len(x), -1)
+from ._common import (
+    MODEL_DEFAULT,
+    Timer,
+    add_image_arguments,
+    add_model_arguments,
+    build_model,
+    flat,
+    load_images,
+    output_folder,
+    timed_training,
+    write_summary,
+)
 
 
 def mnist_ae(args: argparse.Namespace) -> dict:
@@ -22,30 +28,17 @@ def mnist_ae(args: argparse.Namespace) -> dict:
     from scipy.linalg import subspace_angles
     from sklearn.decomposition import PCA
 
-    from ..images.autoencoder import ImageAutoencoder
-    from ..plotting import plot_image_grid, plot_training_history
+    from ...images.autoencoder import ImageAutoencoder
+    from ...images.plotting import plot_image_grid
+    from ...plotting import plot_training_history
 
     train, test = load_images(args, "mnist-ae")
     out = output_folder(args)
-    options = dict(n_latent=args.n_latent, n_hidden=args.n_hidden, n_layers=args.n_layers, seed=args.seed)
-    if args.noise is not None:
-        options.update(noise=args.noise)
-    if args.noise_rate is not None:
-        options.update(noise_rate=args.noise_rate)
-    model = ImageAutoencoder(train.shape, kind=args.kind, **options)
-    with Timer() as timer:
-        model.train(
-            train,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            validation=test,
-            accelerator=args.accelerator,
-            seed=args.seed,
-        )
+    model = build_model(ImageAutoencoder, train.shape, args)
+    train_seconds = timed_training(model, args, train, validation=test)
     model.save(out / "model", overwrite=True)
 
-    x_train, x_test = _flat(train), _flat(test)
+    x_train, x_test = flat(train.unit()), flat(test.unit())
     pca = PCA(n_components=args.n_latent, svd_solver="full").fit(x_train)
     noise = model.hyperparameters["noise"]
     summary = {
@@ -57,7 +50,7 @@ def mnist_ae(args: argparse.Namespace) -> dict:
         "noise": noise,
         "noise_rate": model.hyperparameters["noise_rate"],
         "epochs": len(model.history["epoch"]),
-        "train_seconds": timer.seconds,
+        "train_seconds": train_seconds,
         "test_mse": float(model.reconstruction_error(test).mean()),
         "pca_test_mse": float(((pca.inverse_transform(pca.transform(x_test)) - x_test) ** 2).mean()),
     }
@@ -73,9 +66,11 @@ def mnist_ae(args: argparse.Namespace) -> dict:
         summary["test_mse_corrupted"] = float(model.reconstruction_error(test, noise=noise, seed=args.seed).mean())
         # PCA "denoises" by projecting the corrupted image (its mean fills nothing in for hidden pixels)
         corrupted, _ = model.corrupt(test, noise, rate, seed=args.seed)
-        flat = corrupted.reshape(len(test), -1)
-        summary["pca_test_mse_corrupted"] = float(((pca.inverse_transform(pca.transform(flat)) - x_test) ** 2).mean())
-        summary["corrupted_input_mse"] = float(((flat - x_test) ** 2).mean())
+        flat_corrupted = flat(corrupted)
+        summary["pca_test_mse_corrupted"] = float(
+            ((pca.inverse_transform(pca.transform(flat_corrupted)) - x_test) ** 2).mean()
+        )
+        summary["corrupted_input_mse"] = float(((flat_corrupted - x_test) ** 2).mean())
         rows.append(np.clip(model.corrupt(shown, noise, rate, seed=args.seed)[0], 0, 1))
         rows.append(model.reconstruct(shown, noise=noise, seed=args.seed))
         titles += f" | {noise}-corrupted | reconstruction"
@@ -113,32 +108,17 @@ def mnist_mae(args: argparse.Namespace) -> dict:
     import numpy as np
     from sklearn.decomposition import PCA
 
-    from ..images.masked import MaskedImageAutoencoder
-    from ..metrics.images import linear_probe_accuracy
-    from ..plotting import plot_image_grid, plot_training_history
+    from ...images.masked import MaskedImageAutoencoder
+    from ...images.metrics import linear_probe_accuracy
+    from ...images.plotting import plot_image_grid
+    from ...plotting import plot_training_history
 
     train, test = load_images(args, "mnist-mae")
     out = output_folder(args)
-    model = MaskedImageAutoencoder(
-        train.shape,
-        patch_size=args.patch_size,
-        mask_ratio=args.mask_ratio,
-        n_latent=args.n_latent,
-        encoder=args.encoder,
-        seed=args.seed,
-    )
-    with Timer() as timer:
-        model.train(
-            train,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            validation=test,
-            accelerator=args.accelerator,
-            seed=args.seed,
-        )
+    model = build_model(MaskedImageAutoencoder, train.shape, args)
+    train_seconds = timed_training(model, args, train, validation=test)
     model.save(out / "model", overwrite=True)
-    x_train, x_test = _flat(train), _flat(test)
+    x_train, x_test = flat(train.unit()), flat(test.unit())
     with Timer() as probe_timer:
         accuracy = linear_probe_accuracy(
             model.get_representation(train), train.labels, model.get_representation(test), test.labels
@@ -166,7 +146,7 @@ def mnist_mae(args: argparse.Namespace) -> dict:
         "n_masked_patches": model.module.n_masked,
         "n_latent": args.n_latent,
         "epochs": len(model.history["epoch"]),
-        "train_seconds": timer.seconds,
+        "train_seconds": train_seconds,
         "probe_seconds": probe_timer.seconds,
         "linear_probe_accuracy": accuracy,
         "pca_linear_probe_accuracy": pca_accuracy,
@@ -182,6 +162,8 @@ def mnist_mae(args: argparse.Namespace) -> dict:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
+    from ...images import ImageAutoencoder, MaskedImageAutoencoder
+
     parser = commands.add_parser(
         "mnist-ae",
         help="train an image autoencoder (linear/PCA, bottleneck, sparse, contractive, tied, denoising) on MNIST",
@@ -191,15 +173,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         ),
     )
     add_image_arguments(parser, default_epochs=10)
-    parser.add_argument(
-        "--kind", choices=["linear", "bottleneck", "sparse", "contractive", "tied", "denoising"], default="bottleneck"
-    )
-    parser.add_argument("--noise", choices=["gaussian", "salt", "masking"], default=None, help="training corruption")
-    parser.add_argument("--noise-rate", type=float, default=None, help="std (gaussian) or hidden fraction")
-    parser.add_argument("--n-latent", type=int, default=32)
-    parser.add_argument("--n-hidden", type=int, default=256)
-    parser.add_argument("--n-layers", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    offered = ("kind", "noise", "noise_rate", "n_latent", "n_hidden", "n_layers")
+    add_model_arguments(parser, ImageAutoencoder, dict.fromkeys(offered, MODEL_DEFAULT))
     parser.set_defaults(func=mnist_ae)
 
     parser = commands.add_parser(
@@ -211,9 +186,6 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         ),
     )
     add_image_arguments(parser, default_epochs=10)
-    parser.add_argument("--patch-size", type=int, default=4)
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
-    parser.add_argument("--n-latent", type=int, default=64)
-    parser.add_argument("--encoder", choices=["conv", "mlp"], default="conv")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    offered = ("patch_size", "mask_ratio", "n_latent", "encoder")
+    add_model_arguments(parser, MaskedImageAutoencoder, dict.fromkeys(offered, MODEL_DEFAULT))
     parser.set_defaults(func=mnist_mae)

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from ._images import Timer, add_image_arguments, load_images, output_folder, write_summary
+from ._common import (
+    MODEL_DEFAULT,
+    Timer,
+    add_image_arguments,
+    add_model_arguments,
+    build_model,
+    load_images,
+    output_folder,
+    timed_training,
+    write_summary,
+)
 
 # MNIST test bits/dim as tabulated by Grathwohl et al. (2019, FFJORD, ICLR), Table 2: Glow 1.05, RealNVP 1.06
 # (the Glow and RealNVP papers' own tables report CIFAR-10 / ImageNet / LSUN, not MNIST)
@@ -14,30 +24,14 @@ REFERENCE_REALNVP = 1.06
 
 
 def mnist_flow(args: argparse.Namespace) -> dict:
-    from ..images.flow import ImageFlow, pixel_histogram_bits_per_dim
-    from ..plotting import plot_image_grid, plot_training_history
+    from ...images.flow import ImageFlow, pixel_histogram_bits_per_dim
+    from ...images.plotting import plot_image_grid
+    from ...plotting import plot_training_history
 
     train, test = load_images(args, "mnist-flow")
     out = output_folder(args)
-    model = ImageFlow(
-        train.shape,
-        levels=train.levels,
-        n_scales=args.n_scales,
-        n_steps=args.n_steps,
-        n_hidden=args.n_hidden,
-        mask=args.mask,
-        seed=args.seed,
-    )
-    with Timer() as timer:
-        model.train(
-            train,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            validation=test,
-            accelerator=args.accelerator,
-            seed=args.seed,
-        )
+    model = build_model(ImageFlow, train.shape, args, levels=train.levels)
+    train_seconds = timed_training(model, args, train, validation=test)
     model.save(out / "model", overwrite=True)
     with Timer() as eval_timer:
         test_bpd = model.bits_per_dim(test, seed=args.seed)
@@ -58,7 +52,7 @@ def mnist_flow(args: argparse.Namespace) -> dict:
         "n_scales": args.n_scales,
         "n_steps": args.n_steps,
         "epochs": len(model.history["epoch"]),
-        "train_seconds": timer.seconds,
+        "train_seconds": train_seconds,
         "test_bits_per_dim": test_bpd,
         "eval_seconds": eval_timer.seconds,
         "baseline_pixel_histogram_bits_per_dim": baseline,
@@ -72,7 +66,7 @@ def mnist_flow(args: argparse.Namespace) -> dict:
         print(
             f"  literature: Glow {REFERENCE_GLOW}, RealNVP {REFERENCE_REALNVP} (as tabulated in Grathwohl et al. 2019, "
             f"FFJORD, Table 2), far larger models trained on GPUs; this run: {summary['epochs']} epochs, "
-            f"{timer.seconds:.0f} s"
+            f"{train_seconds:.0f} s"
         )
     write_summary(out, summary)
     return summary
@@ -82,23 +76,15 @@ def toy_flow(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from ..datasets import density_grid, energy
-    from ..images.flow import EnergyFlow
-    from ..plotting import plot_density_panels
+    from ...datasets import density_grid, energy
+    from ...images.flow import EnergyFlow
+    from ...images.plotting import plot_density_panels
 
     out = output_folder(args)
     print(f"sclatent toy-flow: planar flow with {args.n_flows} layers fitted to {args.energy} by reverse KL")
-    model = EnergyFlow(energy=args.energy, n_flows=args.n_flows, seed=args.seed)
+    model = build_model(EnergyFlow, (2,), args)
     kl_before = model.reverse_kl(seed=args.seed + 1)
-    with Timer() as timer:
-        model.train(
-            n_samples=args.n_samples,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            accelerator=args.accelerator,
-            seed=args.seed,
-        )
+    train_seconds = timed_training(model, args, n_samples=args.n_samples)
     model.save(out / "model", overwrite=True)
     kl = model.reverse_kl(seed=args.seed + 1)
     grid = density_grid(4.0, 150)
@@ -115,7 +101,7 @@ def toy_flow(args: argparse.Namespace) -> dict:
         "energy": args.energy,
         "n_flows": args.n_flows,
         "epochs": len(model.history["epoch"]),
-        "train_seconds": timer.seconds,
+        "train_seconds": train_seconds,
         "log_normaliser": log_z,
         "elbo_log_z": log_z - kl,
         "reverse_kl": kl,
@@ -129,6 +115,8 @@ def toy_flow(args: argparse.Namespace) -> dict:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
+    from ...images import EnergyFlow, ImageFlow
+
     parser = commands.add_parser(
         "mnist-flow",
         help="train a multi-scale Glow on dequantised MNIST; test bits/dim, samples",
@@ -138,11 +126,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         ),
     )
     add_image_arguments(parser, default_epochs=5)
-    parser.add_argument("--n-scales", type=int, default=2, help="squeeze levels (image sides divisible by 2^L)")
-    parser.add_argument("--n-steps", type=int, default=8, help="flow steps per scale")
-    parser.add_argument("--n-hidden", type=int, default=64, help="channels of each coupling network")
-    parser.add_argument("--mask", choices=["channel", "checkerboard"], default="channel")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    # (levels: the data's)
+    add_model_arguments(parser, ImageFlow, dict.fromkeys(("n_scales", "n_steps", "n_hidden", "mask"), MODEL_DEFAULT))
     parser.add_argument("--temperature", type=float, default=0.7, help="a second sample grid at this temperature")
     parser.set_defaults(func=mnist_flow)
 
@@ -151,8 +136,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="fit a planar flow to a 2-D energy (Rezende & Mohamed 2015) by reverse KL; density plot",
         description="Fit a planar flow to exp(-U) for U in U1..U4 by reverse KL and plot target and fitted densities.",
     )
-    toy.add_argument("--energy", choices=["U1", "U2", "U3", "U4"], default="U1")
-    toy.add_argument("--n-flows", type=int, default=16, help="planar layers K")
+    add_model_arguments(toy, EnergyFlow, {"energy": MODEL_DEFAULT, "n_flows": MODEL_DEFAULT})
     toy.add_argument("--n-samples", type=int, default=32768, help="pool of base draws per epoch")
     toy.add_argument("--max-epochs", type=int, default=20)
     toy.add_argument("--batch-size", type=int, default=256)

@@ -4,35 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from ._images import Timer, add_image_arguments, load_images, output_folder, write_summary
+from ._common import (
+    MODEL_DEFAULT,
+    Timer,
+    add_image_arguments,
+    add_model_arguments,
+    build_model,
+    load_images,
+    output_folder,
+    timed_training,
+    write_summary,
+)
 
 
 def mnist_gan(args: argparse.Namespace) -> dict:
-    from ..images import DigitClassifier, ImageGAN, evaluate_image_gan
-    from ..plotting import plot_image_grid, plot_training_history
+    from ...images import DigitClassifier, ImageGAN, evaluate_image_gan
+    from ...images.plotting import plot_image_grid
+    from ...plotting import plot_training_history
 
     train, test = load_images(args, "mnist-gan")
     out = output_folder(args)
     shape = train.shape
-    gan = ImageGAN(
-        shape,
-        n_latent=args.n_latent,
-        architecture=args.architecture,
-        loss=args.loss,
-        spectral_norm=args.spectral_norm,
-        conditional=args.conditional,
-        n_critic=args.n_critic,
-        seed=args.seed,
-    )
-    with Timer() as timer:
-        gan.train(
-            train,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            accelerator=args.accelerator,
-            progress_bar=False,
-        )
+    gan = build_model(ImageGAN, shape, args)
+    train_seconds = timed_training(gan, args, train, progress_bar=False)
     with Timer() as classifier_timer:
         classifier = DigitClassifier(shape, seed=args.seed).train(
             train, max_epochs=args.classifier_epochs, accelerator=args.accelerator, progress_bar=False
@@ -53,7 +47,7 @@ def mnist_gan(args: argparse.Namespace) -> dict:
         "spectral_norm": args.spectral_norm,
         "conditional": args.conditional,
         "epochs": len(gan.history["epoch"]),
-        "train_seconds": timer.seconds,
+        "train_seconds": train_seconds,
         "classifier_seconds": classifier_timer.seconds,
         "classifier_test_accuracy": classifier_accuracy,
         "n_eval": n_eval,
@@ -73,6 +67,8 @@ def mnist_gan(args: argparse.Namespace) -> dict:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
+    from ...images import ImageGAN
+
     parser = commands.add_parser(
         "mnist-gan",
         help="train a GAN on MNIST; sample grid, classifier-Frechet distance beside real images and a baseline",
@@ -83,16 +79,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
             "and a pixel-Gaussian generator."
         ),
     )
-    add_image_arguments(parser, default_epochs=5)
-    parser.add_argument("--architecture", choices=["dcgan", "mlp"], default="dcgan")
-    parser.add_argument("--loss", choices=["nonsaturating", "wgan-gp"], default="nonsaturating")
-    parser.add_argument("--spectral-norm", action="store_true", help="spectral normalisation of the discriminator")
-    parser.add_argument("--conditional", action="store_true", help="class-conditional generator and discriminator")
-    parser.add_argument("--n-latent", type=int, default=64, help="width of the generator's noise")
-    parser.add_argument(
-        "--lr", type=float, default=1e-3, help="Adam learning rate (DCGAN's 2e-4 suits long runs; 1e-3 short ones)"
+    add_image_arguments(
+        parser, default_epochs=5, lr_help="Adam learning rate (DCGAN's 2e-4 suits long runs; 1e-3 short ones)"
     )
-    parser.add_argument("--n-critic", type=int, default=None, help="discriminator steps per generator step")
+    offered = ("architecture", "loss", "spectral_norm", "conditional", "n_latent", "n_critic")
+    add_model_arguments(parser, ImageGAN, dict.fromkeys(offered, MODEL_DEFAULT))
     parser.add_argument("--classifier-epochs", type=int, default=1, help="epochs of the judging digit classifier")
     parser.add_argument("--n-eval", type=int, default=5000, help="images per compared set (at most half the test set)")
     parser.set_defaults(func=mnist_gan, batch_size=64)

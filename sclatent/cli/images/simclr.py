@@ -4,52 +4,52 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import (
+    MODEL_DEFAULT,
+    add_image_arguments,
+    add_model_arguments,
+    build_model,
+    flat,
+    load_images,
+    output_folder,
+    timed_training,
+    write_summary,
+)
 
-def _flat(x):
-    return x.reshape(len(x), -1)
+# the ImageAugmentation settings the command offers (defaults: ImageAugmentation's), and their help
+AUGMENTATION_OPTIONS = {
+    "crop_min_area": "random resized crop area ~ U(this, 1)",
+    "rotation": "largest rotation (degrees)",
+    "translation": "largest shift (fraction of the side)",
+    "noise_std": "Gaussian pixel noise std",
+    "adjacent_probability": "probability that a pair's crops are adjacent",
+    "adjacent_shift": "largest offset of adjacent crops (side)",
+}
 
 
 def mnist_simclr(args: argparse.Namespace) -> dict:
     import numpy as np
     from sklearn.decomposition import PCA
 
-    from ..images import SimCLR
-    from ..metrics.images import labels_per_class, linear_probe_accuracy
-    from ..plotting import plot_image_grid, plot_points_by_label, plot_training_history
-    from ._images import Timer, load_images, output_folder, write_summary
+    from ...images import SimCLR
+    from ...images.metrics import labels_per_class, linear_probe_accuracy
+    from ...images.plotting import plot_image_grid, plot_points_by_label
+    from ...plotting import plot_training_history
 
     train, test = load_images(args, "mnist-simclr")
     out = output_folder(args)
-    augmentations = {
-        "crop_min_area": args.crop_min_area,
-        "rotation": args.rotation,
-        "translation": args.translation,
-        "noise_std": args.noise_std,
-        "adjacent_probability": args.adjacent_probability,
-        "adjacent_shift": args.adjacent_shift,
-    }
-    model = SimCLR(
-        train.shape,
-        n_representation=args.n_representation,
-        n_projection=args.n_projection,
-        temperature=args.temperature,
-        augmentations=augmentations,
-        encoder=args.encoder,
-        seed=args.seed,
-    )
-    with Timer() as timer:
-        model.train(
-            train, max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator, lr=args.lr
-        )
+    augmentations = {name: getattr(args, name) for name in AUGMENTATION_OPTIONS}
+    model = build_model(SimCLR, train.shape, args, augmentations=augmentations)
+    train_seconds = timed_training(model, args, train)
     h_train, h_test = model.get_representation(train), model.get_representation(test)
-    x_train, x_test = _flat(train.unit()), _flat(test.unit())
+    x_train, x_test = flat(train.unit()), flat(test.unit())
     # PCA at the representation's width: the linear baseline with the same number of features
     pca = PCA(n_components=min(args.n_representation, x_train.shape[1], len(x_train)), random_state=args.seed)
     p_train, p_test = pca.fit_transform(x_train), pca.transform(x_test)
     features = {"simclr": (h_train, h_test), "pca": (p_train, p_test), "pixels": (x_train, x_test)}
 
     summary = {"train_images": len(train), "test_images": len(test), "epochs": len(model.history["epoch"])}
-    summary["train_seconds"] = timer.seconds
+    summary["train_seconds"] = train_seconds
     summary["train_nt_xent"] = model.history["train_nt_xent"][-1]
     for name, (f_train, f_test) in features.items():
         summary[f"probe_accuracy_{name}"] = linear_probe_accuracy(f_train, train.labels, f_test, test.labels)
@@ -82,7 +82,10 @@ def mnist_simclr(args: argparse.Namespace) -> dict:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    from ._images import add_image_arguments
+    import inspect
+
+    from ...images import SimCLR
+    from ...images.nn.augment import ImageAugmentation
 
     parser = commands.add_parser(
         "mnist-simclr",
@@ -94,19 +97,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     add_image_arguments(parser, default_epochs=15, default_n_train=20000)
     parser.set_defaults(batch_size=256)  # NT-Xent's negatives are the minibatch
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--n-representation", type=int, default=64)
-    parser.add_argument("--n-projection", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.5)
-    parser.add_argument("--encoder", choices=["conv", "mlp"], default="conv")
-    parser.add_argument("--crop-min-area", type=float, default=0.6, help="random resized crop area ~ U(this, 1)")
-    parser.add_argument("--rotation", type=float, default=15.0, help="largest rotation (degrees)")
-    parser.add_argument("--translation", type=float, default=0.1, help="largest shift (fraction of the side)")
-    parser.add_argument("--noise-std", type=float, default=0.1, help="Gaussian pixel noise std")
-    parser.add_argument(
-        "--adjacent-probability", type=float, default=0.5, help="probability that a pair's crops are adjacent"
-    )
-    parser.add_argument("--adjacent-shift", type=float, default=0.15, help="largest offset of adjacent crops (side)")
+    offered = ("n_representation", "n_projection", "temperature", "encoder")
+    add_model_arguments(parser, SimCLR, dict.fromkeys(offered, MODEL_DEFAULT))
+    augmentation = inspect.signature(ImageAugmentation).parameters
+    for name, text in AUGMENTATION_OPTIONS.items():
+        option = "--" + name.replace("_", "-")
+        parser.add_argument(option, type=float, default=augmentation[name].default, help=text)
     parser.add_argument(
         "--labels-per-class", type=int, default=100, help="also probe with this many labels per class (0: skip)"
     )

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ._images import Timer, add_image_arguments, load_images, output_folder, write_summary
+from ._common import (
+    MODEL_DEFAULT,
+    Timer,
+    add_image_arguments,
+    add_model_arguments,
+    build_model,
+    load_images,
+    output_folder,
+    timed_training,
+    write_summary,
+)
 
 # Burda et al. (2016), Table 1: one stochastic layer (50 units, two deterministic layers of 200),
 # trained with the VAE objective (k = 1) for 3,280 passes on dynamically binarised MNIST
@@ -14,29 +24,14 @@ REFERENCE_NLL = 86.76
 def mnist_vae(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from ..images.vae import ImageVAE, pixel_bernoulli_nll
-    from ..plotting import plot_image_grid, plot_latent_manifold, plot_points_by_label, plot_training_history
+    from ...images.plotting import plot_image_grid, plot_latent_manifold, plot_points_by_label
+    from ...images.vae import ImageVAE, pixel_bernoulli_nll
+    from ...plotting import plot_training_history
 
     train, test = load_images(args, "mnist-vae")
     out = output_folder(args)
-    model = ImageVAE(
-        train.shape,
-        n_latent=args.n_latent,
-        n_hidden=args.n_hidden,
-        n_layers=args.n_layers,
-        binarisation=args.binarisation,
-        seed=args.seed,
-    )
-    with Timer() as timer:
-        model.train(
-            train,
-            max_epochs=args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            validation=test,
-            accelerator=args.accelerator,
-            seed=args.seed,
-        )
+    model = build_model(ImageVAE, train.shape, args)
+    train_seconds = timed_training(model, args, train, validation=test)
     model.save(out / "model", overwrite=True)
 
     # the same seeded binarisation of the test images that the model's evaluation uses
@@ -70,7 +65,7 @@ def mnist_vae(args: argparse.Namespace) -> dict:
         "n_latent": model.n_latent,
         "binarisation": model.hyperparameters["binarisation"],
         "epochs": len(model.history["epoch"]),
-        "train_seconds": timer.seconds,
+        "train_seconds": train_seconds,
         "test_elbo": elbo,
         "test_nll_iwae": -iwae,
         "is_samples": args.n_is_samples,
@@ -92,6 +87,8 @@ def mnist_vae(args: argparse.Namespace) -> dict:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
+    from ...images import ImageVAE
+
     parser = commands.add_parser(
         "mnist-vae",
         help="train a Bernoulli VAE on binarised MNIST; test NLL, latent plots, samples",
@@ -101,10 +98,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         ),
     )
     add_image_arguments(parser, default_epochs=20)
-    parser.add_argument("--n-latent", type=int, default=50, help="2 adds the latent-plane figures")
-    parser.add_argument("--n-hidden", type=int, default=200)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--binarisation", choices=["dynamic", "fixed"], default="dynamic")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    add_model_arguments(
+        parser,
+        ImageVAE,
+        {"n_latent": MODEL_DEFAULT, "n_hidden": MODEL_DEFAULT, "n_layers": MODEL_DEFAULT, "binarisation": "dynamic"},
+        helps={"n_latent": "latent dimension; 2 adds the latent-plane figures"},
+    )
     parser.add_argument("--n-is-samples", type=int, default=1000, help="importance samples k of the IWAE bound")
     parser.set_defaults(func=mnist_vae)

@@ -17,7 +17,7 @@ Data flow for an item ``x`` (an image flattened to ``D`` pixels, intensities in 
 * ``"contractive"``: the squared Frobenius norm of the encoder's Jacobian (Rifai et al. 2011),
   one Hutchinson probe per item (:func:`sclatent.nn.regularisers.contractive_penalty`).
 * ``"tied"``: each decoder matrix is the transpose of its encoder mirror
-  (:class:`sclatent.modules.autoencoder.TiedLinear`).
+  (:class:`sclatent.nn.blocks.TiedLinear`).
 * ``"denoising"``: the input is corrupted in training (Vincent et al. 2008, 2010) by
   :class:`sclatent.nn.noise.InputNoise` and the clean item reconstructed.
 
@@ -38,21 +38,119 @@ per-item Jacobian norm and ``encode`` of one image does not depend on its miniba
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.arrays import ArrayBatch
-from ..nn import MLP
-from ..nn.noise import InputNoise, gaussian_noise, masking_noise
-from ..nn.regularisers import contractive_penalty
-from ._base import LossOutput
-from .autoencoder import TiedLinear
+from ...contracts import LossOutput, Module
+from ...hyperparameters import Hyperparameters, setting
+from ...nn import MLP
+from ...nn.blocks import TiedLinear
+from ...nn.noise import InputNoise, NoiseKind, gaussian_noise, masking_noise
+from ...nn.regularisers import contractive_penalty
+from ..data import ArrayBatch
 
-IMAGE_AE_KINDS: tuple[str, ...] = ("linear", "bottleneck", "sparse", "contractive", "tied", "denoising")
-IMAGE_AE_LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
+ImageAEKind = Literal["linear", "bottleneck", "sparse", "contractive", "tied", "denoising"]
+ImageAELikelihood = Literal["bernoulli", "gaussian"]
+IMAGE_AE_KINDS: tuple[str, ...] = get_args(ImageAEKind)
+IMAGE_AE_LIKELIHOODS: tuple[str, ...] = get_args(ImageAELikelihood)
+
+# what each kind sets unless the caller says otherwise (over the plain defaults below)
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": dict(likelihood="gaussian"),
+    "bottleneck": {},
+    "sparse": dict(sparsity=0.1),
+    "contractive": dict(contractive=0.1),
+    "tied": dict(tied_weights=True),
+    "denoising": dict(noise="masking", noise_rate=0.25),
+}
+PLAIN_DEFAULTS: dict[str, Any] = {
+    "noise": "none",
+    "sparsity": 0.0,
+    "contractive": 0.0,
+    "tied_weights": False,
+    "likelihood": "bernoulli",
+}
+# the rate of each corruption unless given (or set by the kind)
+DEFAULT_NOISE_RATE: dict[str, float] = {"none": 0.0, "gaussian": 0.3, "salt": 0.25, "masking": 0.25}
+
+
+@dataclass(frozen=True)
+class ImageAutoencoderHyperparameters(Hyperparameters):
+    """The image autoencoders' hyperparameters, declared once: read by :class:`ImageAutoencoderModule`,
+    :class:`sclatent.images.ImageAutoencoder` and ``sclatent mnist-ae``.
+
+    A setting left None takes the value ``kind`` gives it (:func:`resolved_settings`); the model
+    stores the resolved values.
+    """
+
+    family: ClassVar[str] = "ImageAutoencoder"
+
+    kind: ImageAEKind = setting(
+        "bottleneck",
+        "linear (PCA as an autoencoder: squared error on pixel-mean-centred inputs), bottleneck (MLP), sparse "
+        "(L1 on the code, default weight 0.1), contractive (Hutchinson ||J||_F^2, default weight 0.1), tied "
+        "(decoder = transposed encoder) or denoising (default noise='masking' at rate 0.25).",
+    )
+    n_latent: int = setting(32, "Code width.", minimum=1)
+    n_hidden: int = setting(
+        256, "Width of the hidden MLP layers of encoder and decoder (unused by kind='linear').", minimum=1
+    )
+    n_layers: int = setting(1, "Hidden MLP layers of encoder and decoder (unused by kind='linear').", minimum=1)
+    noise: NoiseKind | None = setting(
+        None,
+        "Training corruption: none, gaussian (std noise_rate), salt (each pixel set to 0 with probability "
+        "noise_rate) or masking (as salt, the mask of hidden pixels concatenated to the input); clean in "
+        "evaluation. None: the kind's.",
+    )
+    noise_rate: float | None = setting(
+        None, "Std (gaussian, default 0.3) or hidden fraction (salt, masking, default 0.25) of the corruption."
+    )
+    sparsity: float | None = setting(
+        None, "Weight of the L1 penalty on the code (nats per item per unit of |code|_1).", minimum=0.0
+    )
+    contractive: float | None = setting(
+        None, "Weight of the contractive penalty (nats per item per unit of ||J||_F^2).", minimum=0.0
+    )
+    tied_weights: bool | None = setting(
+        None, "Decoder matrices are the transposes of the encoder's (also for kind='linear')."
+    )
+    likelihood: ImageAELikelihood | None = setting(
+        None,
+        "bernoulli (cross-entropy on intensities in [0, 1]) or gaussian (squared error; forced for "
+        "kind='linear'; inputs may then be any finite vectors). None: the kind's.",
+    )
+
+    def validate(self) -> None:
+        if self.kind == "linear" and (
+            self.noise not in (None, "none")
+            or self.sparsity
+            or self.contractive
+            or self.likelihood not in (None, "gaussian")
+        ):
+            raise ValueError(
+                "kind='linear' is PCA as an autoencoder: squared error (likelihood='gaussian'), no noise, "
+                "no sparsity or contractive penalty; use kind='bottleneck' with those options instead."
+            )
+        if self.kind == "denoising" and self.noise == "none":
+            raise ValueError("kind='denoising' needs a corruption: noise='gaussian', 'salt' or 'masking'.")
+
+
+def resolved_settings(settings: ImageAutoencoderHyperparameters) -> ImageAutoencoderHyperparameters:
+    """``settings`` with every None replaced by what its ``kind`` sets (else the plain default)."""
+    kind_defaults = KIND_DEFAULTS[settings.kind]
+    values = {**PLAIN_DEFAULTS, **kind_defaults}
+    values.update({name: getattr(settings, name) for name in PLAIN_DEFAULTS if getattr(settings, name) is not None})
+    if settings.noise_rate is not None:
+        values["noise_rate"] = settings.noise_rate
+    elif "noise_rate" not in kind_defaults:
+        values["noise_rate"] = DEFAULT_NOISE_RATE.get(values["noise"], 0.0)
+    return dataclasses.replace(settings, **values)
 
 
 def reconstruction_nll(output: torch.Tensor, target: torch.Tensor, likelihood: str) -> torch.Tensor:
@@ -65,64 +163,41 @@ def reconstruction_nll(output: torch.Tensor, target: torch.Tensor, likelihood: s
     return 0.5 * (output - target) ** 2
 
 
-class ImageAutoencoderModule(nn.Module):
+class ImageAutoencoderModule(Module):
     """(Denoising / sparse / contractive / tied / linear) autoencoder of ``(B, *input_shape)`` items.
 
     Parameters
     ----------
     input_shape
         Shape of one item, flattened to ``D`` features inside.
-    kind
-        One of :data:`IMAGE_AE_KINDS`; ``"linear"`` is PCA (the other kinds differ only by the
-        options below, which the user class sets from ``kind``).
-    n_latent, n_hidden, n_layers
-        Code width and the hidden ReLU MLPs of encoder and decoder.
-    noise, noise_rate
-        Training corruption (:class:`sclatent.nn.noise.InputNoise`).
-    sparsity, contractive
-        Weights of the L1 penalty on the code and of the contractive penalty (per item, nats).
-    tied_weights
-        Decoder matrices are the transposes of the encoder's.
-    likelihood
-        ``"bernoulli"`` (cross-entropy, sigmoid output) or ``"gaussian"`` (squared error).
+    **hyperparameters
+        :class:`ImageAutoencoderHyperparameters`: ``kind`` (one of :data:`IMAGE_AE_KINDS`;
+        ``"linear"`` is PCA, the other kinds differ only by the settings they default), ``n_latent``,
+        ``n_hidden`` and ``n_layers`` (code width and the hidden ReLU MLPs of encoder and decoder),
+        ``noise`` and ``noise_rate`` (training corruption, :class:`sclatent.nn.noise.InputNoise`),
+        ``sparsity`` and ``contractive`` (weights of the L1 penalty on the code and of the contractive
+        penalty, per item, nats), ``tied_weights`` (decoder matrices are the transposes of the
+        encoder's) and ``likelihood`` (``"bernoulli"``: cross-entropy, sigmoid output;
+        ``"gaussian"``: squared error). Those left None take the kind's values.
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        kind: str = "bottleneck",
-        n_latent: int = 32,
-        n_hidden: int = 256,
-        n_layers: int = 1,
-        noise: str = "none",
-        noise_rate: float = 0.0,
-        sparsity: float = 0.0,
-        contractive: float = 0.0,
-        tied_weights: bool = False,
-        likelihood: str = "bernoulli",
-    ) -> None:
+    # early stopping watches the reconstruction term (minimised) unless told otherwise
+    default_monitor = "reconstruction"
+
+    def __init__(self, input_shape: tuple[int, ...], **hyperparameters: Any) -> None:
         super().__init__()
-        if kind not in IMAGE_AE_KINDS:
-            raise ValueError(f"kind must be one of {IMAGE_AE_KINDS}, got {kind!r}.")
-        if likelihood not in IMAGE_AE_LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {IMAGE_AE_LIKELIHOODS}, got {likelihood!r}.")
-        if sparsity < 0 or contractive < 0:
-            raise ValueError("sparsity and contractive weights must be >= 0.")
-        if n_latent < 1 or n_hidden < 1 or n_layers < 1:
-            raise ValueError("n_latent, n_hidden and n_layers must be >= 1.")
+        settings = resolved_settings(ImageAutoencoderHyperparameters.from_dict(hyperparameters))
+        kind, n_latent, n_hidden, n_layers = settings.kind, settings.n_latent, settings.n_hidden, settings.n_layers
+        tied_weights = settings.tied_weights
         self.linear = kind == "linear"
-        if self.linear and (noise != "none" or sparsity or contractive or likelihood != "gaussian"):
-            raise ValueError(
-                "kind='linear' is PCA as an autoencoder: squared error (likelihood='gaussian'), no noise, "
-                "no sparsity or contractive penalty; use kind='bottleneck' with those options instead."
-            )
         self.input_shape = tuple(input_shape)
         self.n_features = n_features = math.prod(self.input_shape)
         if n_latent > n_features:
             raise ValueError(f"n_latent ({n_latent}) must not exceed the number of features ({n_features}).")
-        self.kind, self.likelihood, self.n_latent = kind, likelihood, n_latent
-        self.sparsity, self.contractive, self.tied_weights = float(sparsity), float(contractive), tied_weights
-        self.noise = InputNoise(noise, noise_rate)
+        self.kind, self.likelihood, self.n_latent = kind, settings.likelihood, n_latent
+        self.sparsity, self.contractive = float(settings.sparsity), float(settings.contractive)
+        self.tied_weights = tied_weights
+        self.noise = InputNoise(settings.noise, settings.noise_rate)
         # pixel means of the training items, centring the linear AE's input (set by the model class)
         self.register_buffer("input_mean", torch.zeros(n_features))
         if self.linear:
@@ -193,8 +268,9 @@ class ImageAutoencoderModule(nn.Module):
 
     def loss(self, batch: ArrayBatch, kl_weight: float = 1.0) -> LossOutput:
         """Per-item loss of the clean item given its corrupted version (training mode) or itself
-        (evaluation), plus the penalties. ``extra``: ``mse`` (squared error per pixel, always),
-        ``l1`` and ``contractive`` (when weighted). ``kl_weight`` is unused (no KL)."""
+        (evaluation), plus the penalties. Terms: ``reconstruction`` (nats), ``mse`` (squared error
+        per pixel, always), ``l1`` and ``contractive`` (when weighted; ``contractive`` in training
+        only). ``kl_weight`` is unused (no KL)."""
         x = batch.x.reshape(batch.size, -1)
         if self.training and self.noise.kind != "none":
             corrupted, mask = self.corrupt(x)
@@ -206,14 +282,12 @@ class ImageAutoencoderModule(nn.Module):
         code = self.encode(corrupted, mask)
         output = self.decode(code)
         reconstruction = reconstruction_nll(output, x, self.likelihood).sum(-1)
-        extra = {"mse": ((self.mean(output.detach()) - x) ** 2).mean(-1)}
+        terms = {"reconstruction": reconstruction, "mse": ((self.mean(output.detach()) - x) ** 2).mean(-1)}
         total = reconstruction
         if self.sparsity > 0:
-            extra["l1"] = code.abs().sum(-1)
-            total = total + self.sparsity * extra["l1"]
+            terms["l1"] = code.abs().sum(-1)
+            total = total + self.sparsity * terms["l1"]
         if penalise_jacobian:
-            extra["contractive"] = contractive_penalty(code, corrupted)
-            total = total + self.contractive * extra["contractive"]
-        return LossOutput(
-            loss=total.mean(), reconstruction=reconstruction, kl=torch.zeros_like(reconstruction), extra=extra
-        )
+            terms["contractive"] = contractive_penalty(code, corrupted)
+            total = total + self.contractive * terms["contractive"]
+        return LossOutput(loss=total.mean(), terms=terms)

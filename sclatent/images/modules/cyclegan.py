@@ -25,15 +25,54 @@ learning-rate decay (a schedule the trainer does not have).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.arrays import ArrayBatch
-from ._base import LossOutput
+from ...contracts import AdversarialModule, LossOutput
+from ...hyperparameters import Hyperparameters, setting
+from ..data import ArrayBatch
 
-GAN_LOSSES = ("lsgan", "bce")
+CycleGANLoss = Literal["lsgan", "bce"]
+GAN_LOSSES = get_args(CycleGANLoss)
 DIRECTIONS = ("a_to_b", "b_to_a")
+
+
+@dataclass(frozen=True)
+class CycleGANHyperparameters(Hyperparameters):
+    """CycleGAN's hyperparameters, declared once: read by :class:`CycleGANModule`,
+    :class:`sclatent.images.CycleGAN` and ``sclatent mnist-cyclegan``."""
+
+    family: ClassVar[str] = "CycleGAN"
+
+    n_filters: int = setting(
+        16,
+        "First-layer width of every network (the inner layers have twice as many); 16 filters and 2 residual "
+        "blocks: 113 k parameters, 8 filters is 4x cheaper.",
+    )
+    n_residual_blocks: int = setting(
+        2, "Residual blocks in each generator (the paper: 9 for 256x256 images; 2-3 suffice for digits)."
+    )
+    lambda_cycle: float = setting(10.0, "Weight of the cycle-consistency L1 losses (10, as the paper).")
+    lambda_identity: float = setting(
+        0.5, "Weight of the identity L1 losses relative to lambda_cycle (0.5, as the paper); 0 turns them off."
+    )
+    gan_loss: CycleGANLoss = setting("lsgan", "lsgan (least squares, the paper's) or bce (non-saturating).")
+    betas: tuple[float, ...] = setting((0.5, 0.999), "Adam betas of both groups (the paper's).", cli=False)
+
+    def validate(self) -> None:
+        if self.lambda_cycle < 0 or self.lambda_identity < 0:
+            raise ValueError(
+                f"loss weights must be >= 0, got lambda_cycle={self.lambda_cycle}, "
+                f"lambda_identity={self.lambda_identity}."
+            )
+        if self.n_filters < 1 or self.n_residual_blocks < 0:
+            raise ValueError(
+                f"need n_filters >= 1 and n_residual_blocks >= 0, got {self.n_filters} and {self.n_residual_blocks}."
+            )
 
 
 class ResidualBlock(nn.Module):
@@ -143,7 +182,7 @@ def l1_per_image(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (x - target).abs().flatten(1).mean(1)
 
 
-class CycleGANModule(nn.Module):
+class CycleGANModule(AdversarialModule):
     """Generators ``G`` (A -> B), ``F`` (B -> A) and discriminators ``D_A``, ``D_B``, trained by
     :func:`sclatent.train.fit` in two parameter groups.
 
@@ -151,31 +190,17 @@ class CycleGANModule(nn.Module):
     ----------
     input_shape
         ``(H, W)`` (or ``(1, H, W)``) of one image of either domain.
-    n_filters
-        Width of the first convolution of every network (the inner layers have twice as many).
-    n_residual_blocks
-        Residual blocks in each generator (the paper: 9 for 256x256 images; 2-3 suffice for digits).
-    lambda_cycle
-        Weight of the cycle-consistency L1 losses (10 in the paper).
-    lambda_identity
-        Weight of the identity L1 losses as a fraction of ``lambda_cycle`` (0.5 in the paper, i.e.
-        an absolute weight of 5); 0 turns them off.
-    gan_loss
-        ``"lsgan"`` (least squares, the paper's) or ``"bce"`` (non-saturating cross-entropy).
-    betas
-        Adam betas of both groups (the paper: ``(0.5, 0.999)``).
+    **hyperparameters
+        :class:`CycleGANHyperparameters`: ``n_filters`` (width of the first convolution of every
+        network; the inner layers have twice as many), ``n_residual_blocks`` (in each generator),
+        ``lambda_cycle`` (weight of the cycle-consistency L1 losses, 10 in the paper),
+        ``lambda_identity`` (weight of the identity L1 losses as a fraction of ``lambda_cycle``: 0.5
+        in the paper, i.e. an absolute weight of 5; 0 turns them off), ``gan_loss`` (``"lsgan"``,
+        least squares, the paper's, or ``"bce"``, non-saturating cross-entropy) and ``betas`` (Adam
+        betas of both groups, the paper's ``(0.5, 0.999)``).
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        n_filters: int = 16,
-        n_residual_blocks: int = 2,
-        lambda_cycle: float = 10.0,
-        lambda_identity: float = 0.5,
-        gan_loss: str = "lsgan",
-        betas: tuple[float, float] = (0.5, 0.999),
-    ) -> None:
+    def __init__(self, input_shape: tuple[int, ...], **hyperparameters: Any) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
         if len(shape) == 3 and shape[0] == 1:
@@ -186,16 +211,14 @@ class CycleGANModule(nn.Module):
             )
         if min(shape) < 8:
             raise ValueError(f"images must be at least 8x8 pixels, got {shape[0]}x{shape[1]}.")
-        if gan_loss not in GAN_LOSSES:
-            raise ValueError(f"gan_loss must be one of {', '.join(GAN_LOSSES)}, got {gan_loss!r}.")
-        if lambda_cycle < 0 or lambda_identity < 0:
-            raise ValueError(
-                f"loss weights must be >= 0, got lambda_cycle={lambda_cycle}, lambda_identity={lambda_identity}."
-            )
-        if n_filters < 1 or n_residual_blocks < 0:
-            raise ValueError(
-                f"need n_filters >= 1 and n_residual_blocks >= 0, got {n_filters} and {n_residual_blocks}."
-            )
+        settings = CycleGANHyperparameters.from_dict(hyperparameters)
+        n_filters, n_residual_blocks = settings.n_filters, settings.n_residual_blocks
+        lambda_cycle, lambda_identity, gan_loss, betas = (
+            settings.lambda_cycle,
+            settings.lambda_identity,
+            settings.gan_loss,
+            settings.betas,
+        )
         self.image_size = shape
         self.lambda_cycle, self.lambda_identity = float(lambda_cycle), float(lambda_identity)
         self.gan_loss = gan_loss
@@ -255,14 +278,13 @@ class CycleGANModule(nn.Module):
     def loss(self, batch: ArrayBatch, kl_weight: float = 1.0, group: str = "generators") -> LossOutput:
         """The objective of ``group`` on a minibatch of ``(B, 2, H, W)`` items (A image, B image).
 
-        ``extra`` (per item) for ``"generators"``: ``adversarial_a_to_b`` / ``adversarial_b_to_a``
+        Terms (per item) for ``"generators"``: ``adversarial_a_to_b`` / ``adversarial_b_to_a``
         (``L_GAN`` of ``G`` and ``F``), ``cycle_a`` (``|F(G(a)) - a|``), ``cycle_b``
         (``|G(F(b)) - b|``), ``identity_a`` (``|F(a) - a|``), ``identity_b`` (``|G(b) - b|``), L1 in
         intensity units; for ``"discriminators"``: ``discriminator_a`` / ``discriminator_b``.
-        ``reconstruction`` and ``kl`` are zeros (no likelihood). ``kl_weight`` is ignored.
+        ``kl_weight`` is ignored.
         """
         a, b = self.split(batch.x)
-        zeros = torch.zeros(batch.size, device=a.device)
         if group == "generators":
             fake_b, fake_a = self.g_ab(a), self.g_ba(b)
             adv_ab = generator_adversarial_loss(self.d_b(fake_b), self.gan_loss)
@@ -274,12 +296,12 @@ class CycleGANModule(nn.Module):
                 identity_a, identity_b = l1_per_image(self.g_ba(a), a), l1_per_image(self.g_ab(b), b)
                 total = total + self.lambda_identity * self.lambda_cycle * (identity_a + identity_b)
                 extra.update(identity_a=identity_a, identity_b=identity_b)
-            return LossOutput(total.mean(), zeros, zeros, {k: v.detach() for k, v in extra.items()})
+            return LossOutput(total.mean(), terms={k: v.detach() for k, v in extra.items()})
         if group == "discriminators":
             with torch.no_grad():
                 fake_b, fake_a = self.g_ab(a), self.g_ba(b)
             loss_a = discriminator_loss(self.d_a(a), self.d_a(fake_a), self.gan_loss)
             loss_b = discriminator_loss(self.d_b(b), self.d_b(fake_b), self.gan_loss)
-            extra = {"discriminator_a": loss_a.detach(), "discriminator_b": loss_b.detach()}
-            return LossOutput((loss_a + loss_b).mean(), zeros, zeros, extra)
+            terms = {"discriminator_a": loss_a.detach(), "discriminator_b": loss_b.detach()}
+            return LossOutput((loss_a + loss_b).mean(), terms=terms)
         raise ValueError(f"group must be 'generators' or 'discriminators', got {group!r}.")

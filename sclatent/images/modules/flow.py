@@ -17,23 +17,61 @@ normal). Then
 in nats, where the log-determinant includes the preprocessing's: ``"logit"`` maps
 ``x -> logit(alpha + (1 - 2 alpha) x)`` (RealNVP, ``alpha = 0.05``), ``"center"`` maps
 ``x -> x - 1/2`` (Glow; Jacobian 1). Bits per dimension of the discrete data follow from the
-density of the dequantised data on the unit cube (:func:`sclatent.nn.pixels.bits_per_dim`).
+density of the dequantised data on the unit cube (:func:`sclatent.images.nn.pixels.bits_per_dim`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
 
-from ..data.arrays import ArrayBatch
-from ..nn.glow import MASKS, SCALES, FlowStep, Squeeze
+from ...contracts import LossOutput, Module
+from ...hyperparameters import Hyperparameters, setting
+from ..data import ArrayBatch
+from ..nn.glow import CouplingMask, CouplingScale, FlowStep, Squeeze
 from ..nn.pixels import bits_per_dim, dequantise
-from ._base import LossOutput
 
-PREPROCESSING = ("logit", "center")
+Preprocessing = Literal["logit", "center"]
+PREPROCESSING = get_args(Preprocessing)
 _LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class ImageFlowHyperparameters(Hyperparameters):
+    """The image flow's hyperparameters, declared once: read by :class:`ImageFlowModule`,
+    :class:`sclatent.images.ImageFlow` and ``sclatent mnist-flow``."""
+
+    family: ClassVar[str] = "ImageFlow"
+
+    levels: int = setting(
+        256, "Grey levels K of the data (256 for MNIST, 17 for the 8x8 digits); inputs are k / (K - 1).", minimum=2
+    )
+    n_scales: int = setting(
+        2, "Squeeze levels L of the multi-scale architecture (image sides divisible by 2^L).", minimum=1
+    )
+    n_steps: int = setting(8, "Flow steps (actnorm, 1x1 convolution, affine coupling) per scale.", minimum=1)
+    n_hidden: int = setting(64, "Channels of each coupling network.", minimum=1)
+    mask: CouplingMask = setting(
+        "channel", "Couplings split by channel (Glow) or checkerboard (RealNVP); consecutive ones alternate halves."
+    )
+    scale: CouplingScale = setting("tanh", "Coupling scale function.")
+    learn_prior: bool = setting(
+        True,
+        "Learned Gaussian priors on the factored-out latents (conditioned on the kept half) and the top latent; "
+        "otherwise standard normals.",
+    )
+    preprocess: Preprocessing = setting(
+        "logit", "logit(alpha + (1 - 2 alpha) x) (RealNVP) or x - 1/2 (Glow) before the flow."
+    )
+    alpha: float = setting(0.05, "Logit squashing, in [0, 0.5): keeps logit finite at 0 and 1.")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha < 0.5:
+            raise ValueError(f"alpha must be in [0, 0.5), got {self.alpha}.")
 
 
 def _gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -42,70 +80,42 @@ def _gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tenso
     return log_p.flatten(1).sum(1)
 
 
-class ImageFlowModule(nn.Module):
+class ImageFlowModule(Module):
     """Multi-scale Glow on images ``(B, C, H, W)`` (or ``(B, H, W)``) of ``levels`` grey levels.
 
     Parameters
     ----------
     input_shape
         ``(H, W)`` or ``(C, H, W)``; ``H`` and ``W`` divisible by ``2 ** n_scales``.
-    levels
-        Grey levels ``K`` of the data (256 for MNIST, 17 for the 8x8 digits); inputs in ``[0, 1]`` are read
-        as ``k / (K - 1)``.
-    n_scales
-        Number of levels ``L`` of the multi-scale architecture (squeezes).
-    n_steps
-        Flow steps ``K`` per scale.
-    n_hidden
-        Channels of each coupling's conditioner.
-    mask
-        ``"channel"`` (Glow) or ``"checkerboard"`` (RealNVP) couplings; consecutive couplings
-        alternate which half is kept.
-    scale
-        Coupling scale function, ``"tanh"`` or ``"sigmoid"`` (see :class:`sclatent.nn.glow.AffineCoupling`).
-    learn_prior
-        Learned Gaussian priors on the factored-out latents (conditioned on the kept half) and the top
-        latent; otherwise standard normals.
-    preprocess
-        ``"logit"`` (with ``alpha``) or ``"center"``.
-    alpha
-        Logit squashing, keeps ``logit`` finite at 0 and 1.
+    **hyperparameters
+        :class:`ImageFlowHyperparameters`: ``levels`` (grey levels ``K`` of the data; inputs in
+        ``[0, 1]`` are read as ``k / (K - 1)``), ``n_scales`` (levels ``L`` of the multi-scale
+        architecture), ``n_steps`` (flow steps per scale), ``n_hidden`` (channels of each coupling's
+        conditioner), ``mask`` (``"channel"``, Glow, or ``"checkerboard"``, RealNVP; consecutive
+        couplings alternate which half is kept), ``scale`` (``"tanh"`` or ``"sigmoid"``, see
+        :class:`sclatent.images.nn.glow.AffineCoupling`), ``learn_prior`` (learned Gaussian priors
+        on the factored-out latents, conditioned on the kept half, and on the top latent; otherwise
+        standard normals), ``preprocess`` (``"logit"`` with ``alpha``, or ``"center"``) and
+        ``alpha`` (logit squashing, keeps ``logit`` finite at 0 and 1).
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        levels: int = 256,
-        n_scales: int = 2,
-        n_steps: int = 8,
-        n_hidden: int = 64,
-        mask: str = "channel",
-        scale: str = "tanh",
-        learn_prior: bool = True,
-        preprocess: str = "logit",
-        alpha: float = 0.05,
-    ) -> None:
+    # early stopping watches the NLL (minimised) unless told otherwise
+    default_monitor = "nll"
+
+    def __init__(self, input_shape: tuple[int, ...], **hyperparameters: Any) -> None:
         super().__init__()
+        settings = ImageFlowHyperparameters.from_dict(hyperparameters)
+        levels, n_scales, n_steps, n_hidden = settings.levels, settings.n_scales, settings.n_steps, settings.n_hidden
+        mask, scale, learn_prior = settings.mask, settings.scale, settings.learn_prior
+        preprocess, alpha = settings.preprocess, settings.alpha
         if len(input_shape) not in (2, 3):
             raise ValueError(f"input_shape must be (H, W) or (C, H, W), got {tuple(input_shape)}.")
         c, h, w = (1, *input_shape) if len(input_shape) == 2 else tuple(input_shape)
-        if n_scales < 1 or n_steps < 1:
-            raise ValueError(f"n_scales and n_steps must be >= 1, got {n_scales} and {n_steps}.")
         if h % 2**n_scales or w % 2**n_scales:
             raise ValueError(
                 f"{n_scales} scales halve the image {n_scales} times, so height and width must be divisible by "
                 f"{2**n_scales}; got {h}x{w}. Use fewer scales (n_scales) or pad the images."
             )
-        if levels < 2:
-            raise ValueError(f"levels must be >= 2, got {levels}.")
-        if mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}.")
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}.")
-        if preprocess not in PREPROCESSING:
-            raise ValueError(f"preprocess must be one of {PREPROCESSING}, got {preprocess!r}.")
-        if not 0.0 <= alpha < 0.5:
-            raise ValueError(f"alpha must be in [0, 0.5), got {alpha}.")
         self.input_shape = tuple(input_shape)
         self.image_shape = (c, h, w)
         self.n_dims = c * h * w
@@ -220,14 +230,12 @@ class ImageFlowModule(nn.Module):
         return dequantise(k, self.levels, generator).to(x.dtype)
 
     def loss(self, batch: ArrayBatch, kl_weight: float = 1.0) -> LossOutput:
-        """NLL in nats per image of the freshly dequantised minibatch; ``extra["bits_per_dim"]``."""
+        """Terms ``nll`` (nats per image of the freshly dequantised minibatch, the loss) and
+        ``bits_per_dim`` (the same in bits per pixel of the discrete data)."""
         x = self.dequantise(batch.x)
         nll = -self.log_prob(x)
         return LossOutput(
-            loss=nll.mean(),
-            reconstruction=nll,
-            kl=torch.zeros_like(nll),
-            extra={"bits_per_dim": bits_per_dim(nll, self.n_dims, self.levels)},
+            loss=nll.mean(), terms={"nll": nll, "bits_per_dim": bits_per_dim(nll, self.n_dims, self.levels)}
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,19 +22,78 @@ bounds each layer's largest singular value by 1 through power iteration.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.arrays import ArrayBatch
+from ...contracts import AdversarialModule, LossOutput
+from ...hyperparameters import Hyperparameters, setting
+from ...nn.regularisers import gradient_penalty
+from ..data import ArrayBatch
 from ..nn.conv import ConvEncoder
 from ..nn.conv_decoder import ConvDecoder
-from ._base import LossOutput
-from .gan import gradient_penalty
 
-ARCHITECTURES = ("dcgan", "mlp")
-LOSSES = ("nonsaturating", "wgan-gp")
+Architecture = Literal["dcgan", "mlp"]
+GANLoss = Literal["nonsaturating", "wgan-gp"]
+ARCHITECTURES = get_args(Architecture)
+LOSSES = get_args(GANLoss)
+
+
+@dataclass(frozen=True)
+class ImageGANHyperparameters(Hyperparameters):
+    """The image GAN's hyperparameters, declared once: read by :class:`ImageGANModule`,
+    :class:`sclatent.images.ImageGAN` and ``sclatent mnist-gan``.
+
+    ``conditional`` and ``n_classes`` are the model's: it gives the module ``n_classes`` classes to
+    condition on, or 0 (unconditional).
+    """
+
+    family: ClassVar[str] = "ImageGAN"
+
+    n_latent: int = setting(64, "Width of the generator's noise z ~ N(0, I).", minimum=1)
+    architecture: Architecture = setting(
+        "dcgan",
+        "dcgan (transposed-convolution generator with BatchNorm, stride-2 convolutional discriminator) or mlp.",
+    )
+    loss: GANLoss = setting(
+        "nonsaturating", "nonsaturating (Goodfellow et al. 2014) or wgan-gp (Gulrajani et al. 2017)."
+    )
+    spectral_norm: bool = setting(False, "Spectral normalisation of the discriminator's layers (Miyato et al. 2018).")
+    conditional: bool = setting(
+        False,
+        "Class-conditional generator and (projection) discriminator; training then needs labels.",
+        module=False,
+    )
+    n_classes: int = setting(10, "Classes of a conditional GAN.", module=False)
+    generator_widths: tuple[int, ...] | None = setting(
+        None,
+        "dcgan: channels of the generator's feature maps (smallest map first); mlp: its hidden widths. "
+        "None: (128, 64) dcgan, (256, 512) mlp.",
+        cli=False,
+    )
+    discriminator_widths: tuple[int, ...] | None = setting(
+        None,
+        "dcgan: channels of the discriminator's stride-2 stages; mlp: its hidden widths. "
+        "None: (64, 128) dcgan, (512, 256) mlp.",
+        cli=False,
+    )
+    n_features: int = setting(128, "Width of the discriminator's last feature layer.", minimum=1)
+    n_critic: int | None = setting(
+        None, "Discriminator updates per generator update; None: 1 non-saturating, 5 WGAN-GP.", minimum=1
+    )
+    gradient_penalty_weight: float = setting(
+        10.0, "lambda of WGAN-GP (10 in the paper); unused by the non-saturating loss.", minimum=0.0
+    )
+    betas: tuple[float, ...] | None = setting(
+        None, "Adam betas of both players; None: (0.5, 0.999) as DCGAN, (0.5, 0.9) for WGAN-GP.", cli=False
+    )
+
+    def validate(self) -> None:
+        if self.conditional and self.n_classes < 2:
+            raise ValueError(f"a conditional GAN needs n_classes >= 2, got {self.n_classes}.")
 
 
 def nonsaturating_losses(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +114,7 @@ def _check_labels(labels: torch.Tensor | None, n_classes: int) -> None:
 class ImageGenerator(nn.Module):
     """``(z, labels) -> `` images ``(B, *input_shape)`` in [0, 1] (a sigmoid output).
 
-    ``"dcgan"``: :class:`sclatent.nn.conv_decoder.ConvDecoder` (Linear -> BN -> ReLU, transposed
+    ``"dcgan"``: :class:`sclatent.images.nn.conv_decoder.ConvDecoder` (Linear -> BN -> ReLU, transposed
     convolutions). ``"mlp"``: Linear -> BN -> ReLU per hidden width, then Linear to the pixels.
     The class one-hot (conditional GANs) is concatenated to ``z``.
     """
@@ -88,7 +147,7 @@ class ImageDiscriminator(nn.Module):
     """``(x, labels) -> (B,)`` logits (non-saturating) or critic scores (WGAN-GP).
 
     Features ``h``: ``"dcgan"`` stride-2 convolutions with LeakyReLU(0.2)
-    (:class:`sclatent.nn.conv.ConvEncoder`, no BatchNorm: the gradient penalty is per image and a
+    (:class:`sclatent.images.nn.conv.ConvEncoder`, no BatchNorm: the gradient penalty is per image and a
     batch statistic would couple the images) then LeakyReLU; ``"mlp"`` Linear -> LeakyReLU(0.2)
     layers. Output ``w . h + b``, plus ``e_y . h`` for a class-conditional discriminator.
     """
@@ -135,80 +194,54 @@ class ImageDiscriminator(nn.Module):
         return score
 
 
-class ImageGANModule(nn.Module):
+class ImageGANModule(AdversarialModule):
     """Generator and discriminator of images, trained by :func:`sclatent.train.fit` as two parameter groups.
 
     Parameters
     ----------
     input_shape
         ``(H, W)``, ``(C, H, W)`` or ``(D,)`` (``"mlp"`` only) of one item; values in [0, 1].
-    n_latent
-        Width of the generator's Gaussian noise ``z``.
-    architecture
-        ``"dcgan"`` (transposed-convolution generator, convolutional discriminator) or ``"mlp"``.
-    loss
-        ``"nonsaturating"`` or ``"wgan-gp"`` (see the module docstring).
-    spectral_norm
-        Spectral normalisation of every discriminator layer.
     n_classes
-        0: unconditional; otherwise a class-conditional GAN over this many classes.
-    generator_widths, discriminator_widths
-        ``"dcgan"``: channels of the generator's feature maps (smallest map first) and of the
-        discriminator's stride-2 stages; ``"mlp"``: hidden widths. Default per architecture.
-    n_features
-        Width of the discriminator's last feature layer.
-    n_critic
-        Discriminator updates per generator update (default 1 non-saturating, 5 WGAN-GP).
-    gradient_penalty_weight
-        ``lambda`` of WGAN-GP (10 in the paper); unused by the non-saturating loss.
-    betas
-        Adam betas of both players (default ``(0.5, 0.999)`` as DCGAN, ``(0.5, 0.9)`` for WGAN-GP).
+        0: unconditional; otherwise a class-conditional GAN over this many classes (the model
+        passes its ``n_classes`` when ``conditional``).
+    **hyperparameters
+        :class:`ImageGANHyperparameters` (its model-only ``conditional`` and ``n_classes`` aside):
+        ``n_latent`` (width of the generator's Gaussian noise ``z``), ``architecture``
+        (``"dcgan"``: transposed-convolution generator, convolutional discriminator; or ``"mlp"``),
+        ``loss`` (``"nonsaturating"`` or ``"wgan-gp"``, see the module docstring), ``spectral_norm``
+        (of every discriminator layer), ``generator_widths`` and ``discriminator_widths`` (``"dcgan"``:
+        channels of the generator's feature maps, smallest map first, and of the discriminator's
+        stride-2 stages; ``"mlp"``: hidden widths; default per architecture), ``n_features`` (width
+        of the discriminator's last feature layer), ``n_critic`` (discriminator updates per generator
+        update, default 1 non-saturating, 5 WGAN-GP), ``gradient_penalty_weight`` (``lambda`` of
+        WGAN-GP, 10 in the paper) and ``betas`` (Adam betas of both players, default
+        ``(0.5, 0.999)`` as DCGAN, ``(0.5, 0.9)`` for WGAN-GP).
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        n_latent: int = 64,
-        architecture: str = "dcgan",
-        loss: str = "nonsaturating",
-        spectral_norm: bool = False,
-        n_classes: int = 0,
-        generator_widths: tuple[int, ...] | None = None,
-        discriminator_widths: tuple[int, ...] | None = None,
-        n_features: int = 128,
-        n_critic: int | None = None,
-        gradient_penalty_weight: float = 10.0,
-        betas: tuple[float, float] | None = None,
-    ) -> None:
+    def __init__(self, input_shape: tuple[int, ...], n_classes: int = 0, **hyperparameters: Any) -> None:
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        settings = ImageGANHyperparameters.from_dict(hyperparameters)
+        n_latent, architecture, loss = settings.n_latent, settings.architecture, settings.loss
+        n_features = settings.n_features
         if architecture == "dcgan" and len(input_shape) not in (2, 3):
             raise ValueError(
                 f"architecture='dcgan' needs images (H, W) or (C, H, W), got input_shape={tuple(input_shape)}; "
                 "use architecture='mlp' for vectors."
             )
-        if n_latent < 1 or n_classes < 0 or n_features < 1:
-            raise ValueError(
-                f"n_latent and n_features must be >= 1 and n_classes >= 0, got {n_latent}, {n_features}, {n_classes}."
-            )
-        n_critic = (5 if loss == "wgan-gp" else 1) if n_critic is None else int(n_critic)
-        if n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {n_critic}.")
-        if gradient_penalty_weight < 0:
-            raise ValueError(f"gradient_penalty_weight must be >= 0, got {gradient_penalty_weight}.")
+        if n_classes < 0:
+            raise ValueError(f"n_classes must be >= 0, got {n_classes}.")
+        n_critic = (5 if loss == "wgan-gp" else 1) if settings.n_critic is None else int(settings.n_critic)
         dcgan = architecture == "dcgan"
-        generator_widths = tuple(generator_widths or ((128, 64) if dcgan else (256, 512)))
-        discriminator_widths = tuple(discriminator_widths or ((64, 128) if dcgan else (512, 256)))
+        generator_widths = tuple(settings.generator_widths or ((128, 64) if dcgan else (256, 512)))
+        discriminator_widths = tuple(settings.discriminator_widths or ((64, 128) if dcgan else (512, 256)))
         self.input_shape, self.n_latent, self.n_classes = tuple(input_shape), int(n_latent), int(n_classes)
         self.loss_name, self.n_critic = loss, n_critic
-        self.gradient_penalty_weight = float(gradient_penalty_weight)
+        self.gradient_penalty_weight = float(settings.gradient_penalty_weight)
+        betas = settings.betas
         self.betas = tuple(betas) if betas is not None else ((0.5, 0.9) if loss == "wgan-gp" else (0.5, 0.999))
         self.generator = ImageGenerator(input_shape, n_latent, n_classes, architecture, generator_widths)
         self.discriminator = ImageDiscriminator(
-            input_shape, n_classes, architecture, discriminator_widths, n_features, spectral_norm
+            input_shape, n_classes, architecture, discriminator_widths, n_features, settings.spectral_norm
         )
 
     # ----------------------------------------------------------------- the trainer's protocol
@@ -230,14 +263,23 @@ class ImageGANModule(nn.Module):
 
     # ----------------------------------------------------------------- generation
 
-    def generate(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise_device: torch.device | str | None = None,
+    ):
         """``(n, *input_shape)`` images in [0, 1] from fresh noise (differentiable in the generator).
 
-        With a (CPU) ``torch.Generator`` the noise is drawn on the CPU and moved, so a seed gives
-        the same images on any device.
+        The noise is drawn on ``noise_device`` (default: the CPU with a (CPU) ``generator``, else
+        the generator network's device) and moved: a seeded caller draws it on the CPU, so that a
+        seed gives the same images on any device.
         """
         device = next(self.generator.parameters()).device
-        z = torch.randn(n, self.n_latent, generator=generator, device=None if generator else device).to(device)
+        if noise_device is None:
+            noise_device = "cpu" if generator is not None else device
+        z = torch.randn(n, self.n_latent, generator=generator, device=noise_device).to(device)
         return self.generator(z, labels)
 
     # ----------------------------------------------------------------- objectives
@@ -246,39 +288,38 @@ class ImageGANModule(nn.Module):
         """The objective of ``group`` (``"discriminator"`` or ``"generator"``) on one minibatch of real images.
 
         As many images as the minibatch holds are generated (with its labels when
-        class-conditional). ``extra`` holds per image: non-saturating, ``real_probability`` and
-        ``fake_probability`` (``sigmoid(D)``: 0.5 when D cannot tell); WGAN-GP, ``wasserstein``
-        (``D(real) - D(fake)``) and, for the critic with gradients enabled, ``gradient_penalty``.
-        ``reconstruction`` and ``kl`` are zeros (a GAN has no likelihood); ``kl_weight`` is ignored.
+        class-conditional). Terms, per image: for the discriminator, non-saturating,
+        ``real_probability`` and ``fake_probability`` (``sigmoid(D)``: 0.5 when D cannot tell);
+        WGAN-GP, ``wasserstein`` (``D(real) - D(fake)``) and, with gradients enabled,
+        ``gradient_penalty``. The generator reports its loss only. ``kl_weight`` is ignored.
         """
         if group not in ("discriminator", "generator"):
             raise ValueError(f"group must be 'discriminator' or 'generator', got {group!r}.")
         labels = batch.y if self.n_classes else None
         real = batch.x
-        zeros = torch.zeros(batch.size, device=real.device)
         if group == "discriminator":
             with torch.no_grad():
                 fake = self.generate(batch.size, labels)
             real_score, fake_score = self.discriminator(real, labels), self.discriminator(fake, labels)
             if self.loss_name == "nonsaturating":
                 per_item, _ = nonsaturating_losses(real_score, fake_score)
-                extra = {
+                terms = {
                     "real_probability": torch.sigmoid(real_score).detach(),
                     "fake_probability": torch.sigmoid(fake_score).detach(),
                 }
-                return LossOutput(loss=per_item.mean(), reconstruction=zeros, kl=zeros, extra=extra)
+                return LossOutput(loss=per_item.mean(), terms=terms)
             wasserstein = real_score - fake_score
-            extra = {"wasserstein": wasserstein.detach()}
+            terms = {"wasserstein": wasserstein.detach()}
             loss = -wasserstein.mean()
             if torch.is_grad_enabled() and self.gradient_penalty_weight > 0:
                 penalty = gradient_penalty(self.discriminator, real, fake, labels)
-                extra["gradient_penalty"] = penalty.detach()
+                terms["gradient_penalty"] = penalty.detach()
                 loss = loss + self.gradient_penalty_weight * penalty.mean()
-            return LossOutput(loss=loss, reconstruction=zeros, kl=zeros, extra=extra)
+            return LossOutput(loss=loss, terms=terms)
         # the generator: make the discriminator score its images as real
         fake_score = self.discriminator(self.generate(batch.size, labels), labels)
-        # (no extra terms: the history would merge them with the discriminator's of the same name)
+        # (no terms: the history would merge them with the discriminator's of the same name)
         generator_loss = (
             nonsaturating_losses(fake_score, fake_score)[1] if self.loss_name == "nonsaturating" else -fake_score
         )
-        return LossOutput(loss=generator_loss.mean(), reconstruction=zeros, kl=zeros)
+        return LossOutput(loss=generator_loss.mean())

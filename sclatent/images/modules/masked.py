@@ -13,12 +13,12 @@ As in He et al. (2022) the loss counts the hidden patches only (reconstructing v
 copying), the mask is random per image and per step, and a high ratio (0.75, theirs) makes the
 task need the digit's shape rather than local interpolation. Exactly ``round(ratio * P)`` patches
 per image (not coin flips) so every image weighs the same in the loss; the mask is drawn by
-:func:`sclatent.modules.masked.draw_gene_mask`, the masked-gene pretraining's sampler.
+:func:`sclatent.nn.masking.draw_feature_mask`, the masked-gene pretraining's sampler too.
 
 Two encoders, both reading the visible image and the mask (so a hidden patch differs from a
 blank one) and neither He et al.'s ViT, which sees only the visible patches:
 
-* ``"conv"`` (default): :class:`sclatent.nn.conv.ConvEncoder` (two stride-2 3x3 stages, no
+* ``"conv"`` (default): :class:`sclatent.images.nn.conv.ConvEncoder` (two stride-2 3x3 stages, no
   BatchNorm) on two channels, the visible image and its pixel mask, then a linear map to
   ``n_latent``;
 * ``"mlp"``: a ReLU MLP on ``[x_vis, M]`` (``H W + P`` inputs), then a linear map to ``n_latent``.
@@ -39,25 +39,56 @@ No BatchNorm: the representation of an image must not depend on its minibatch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.arrays import ArrayBatch
-from ..nn import MLP
+from ...contracts import LossOutput, Module
+from ...hyperparameters import Hyperparameters, setting
+from ...nn import MLP
+from ...nn.masking import draw_feature_mask, n_masked_features
+from ..data import ArrayBatch
 from ..nn.conv import ConvEncoder
-from ._base import LossOutput
-from .masked import draw_gene_mask, n_masked_genes
 
 # seed of the fixed masks of evaluation mode (validation loss): the same patches every epoch
 EVAL_MASK_SEED = 1234
-MASKED_IMAGE_ENCODERS: tuple[str, ...] = ("mlp", "conv")
+MaskedImageEncoder = Literal["conv", "mlp"]
+MASKED_IMAGE_ENCODERS: tuple[str, ...] = get_args(MaskedImageEncoder)
+
+
+@dataclass(frozen=True)
+class MaskedImageAutoencoderHyperparameters(Hyperparameters):
+    """The masked image autoencoder's hyperparameters, declared once: read by
+    :class:`MaskedImageAutoencoderModule`, :class:`sclatent.images.MaskedImageAutoencoder` and
+    ``sclatent mnist-mae``."""
+
+    family: ClassVar[str] = "MaskedImageAutoencoder"
+
+    patch_size: int = setting(
+        4, "Side of a square patch in pixels; must divide both image sides (4: 49 patches on 28x28).", minimum=1
+    )
+    mask_ratio: float = setting(
+        0.75, "Fraction of patches hidden per image, round(mask_ratio * n_patches) exactly, in (0, 1)."
+    )
+    n_latent: int = setting(64, "Width of the representation (what a linear probe reads).", minimum=1)
+    n_hidden: int = setting(512, "Width of the hidden ReLU MLP of the decoder (and of an MLP encoder).", minimum=1)
+    n_layers: int = setting(2, "Hidden layers of the decoder's MLP (and of an MLP encoder).", minimum=1)
+    encoder: MaskedImageEncoder = setting(
+        "conv", "conv (a small stride-2 CNN on the visible image and its mask) or mlp (on [visible image, mask])."
+    )
+    conv_widths: tuple[int, ...] = setting((32, 64), "Channels of the conv encoder's stride-2 stages.", cli=False)
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
 
 
 def n_masked_patches(n_patches: int, mask_ratio: float) -> int:
     """Patches hidden per image: ``round(mask_ratio * n_patches)``, at least 1 and at most ``n_patches - 1``."""
-    return n_masked_genes(n_patches, mask_ratio)
+    return n_masked_features(n_patches, mask_ratio)
 
 
 def masked_patch_loss(output: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
@@ -66,69 +97,58 @@ def masked_patch_loss(output: torch.Tensor, target: torch.Tensor, pixel_mask: to
     return (F.binary_cross_entropy_with_logits(output, target, reduction="none") * pixel_mask).sum(-1)
 
 
-class MaskedImageAutoencoderModule(nn.Module):
+class MaskedImageAutoencoderModule(Module):
     """Masked autoencoder of ``(B, H, W)`` (or ``(B, 1, H, W)``) images.
 
     Parameters
     ----------
     input_shape
         ``(H, W)`` or ``(1, H, W)``; ``patch_size`` must divide ``H`` and ``W``.
-    patch_size
-        Side of the square patches, pixels.
-    mask_ratio
-        Fraction of patches hidden per image in training, in (0, 1).
-    n_latent
-        Width of the representation.
-    n_hidden, n_layers
-        Hidden ReLU MLP of the decoder (and of the encoder when ``encoder="mlp"``).
-    encoder
-        ``"conv"`` or ``"mlp"`` (see the module docstring).
-    conv_widths
-        Channels of the conv encoder's stride-2 stages.
+    **hyperparameters
+        :class:`MaskedImageAutoencoderHyperparameters`: ``patch_size`` (side of the square patches,
+        pixels), ``mask_ratio`` (fraction of patches hidden per image in training, in (0, 1)),
+        ``n_latent`` (width of the representation), ``n_hidden`` and ``n_layers`` (the decoder's
+        hidden ReLU MLP, and the encoder's when ``encoder="mlp"``), ``encoder`` (``"conv"`` or
+        ``"mlp"``, see the module docstring) and ``conv_widths`` (channels of the conv encoder's
+        stride-2 stages).
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        patch_size: int = 4,
-        mask_ratio: float = 0.75,
-        n_latent: int = 64,
-        n_hidden: int = 512,
-        n_layers: int = 2,
-        encoder: str = "conv",
-        conv_widths: tuple[int, ...] = (32, 64),
-    ) -> None:
+    # early stopping watches the reconstruction term (minimised) unless told otherwise
+    default_monitor = "reconstruction"
+
+    def __init__(self, input_shape: tuple[int, ...], **hyperparameters: Any) -> None:
         super().__init__()
         if len(input_shape) not in (2, 3) or (len(input_shape) == 3 and input_shape[0] != 1):
             raise ValueError(f"input_shape must be (H, W) or (1, H, W) (grey-scale images), got {input_shape}.")
+        settings = MaskedImageAutoencoderHyperparameters.from_dict(hyperparameters)
+        patch_size, n_latent, n_hidden, n_layers = (
+            settings.patch_size,
+            settings.n_latent,
+            settings.n_hidden,
+            settings.n_layers,
+        )
         height, width = input_shape[-2:]
-        if patch_size < 1 or height % patch_size or width % patch_size:
+        if height % patch_size or width % patch_size:
             raise ValueError(
                 f"patch_size ({patch_size}) must divide the image sides {height} x {width}; "
                 f"choose a divisor, e.g. {math.gcd(height, width)}."
             )
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
-        if n_latent < 1 or n_hidden < 1 or n_layers < 1:
-            raise ValueError("n_latent, n_hidden and n_layers must be >= 1.")
         self.input_shape = tuple(input_shape)
         self.height, self.width, self.patch_size = height, width, patch_size
         self.grid = (height // patch_size, width // patch_size)
         self.n_patches = self.grid[0] * self.grid[1]
         if self.n_patches < 2:
             raise ValueError(f"patch_size {patch_size} leaves one patch: at least two are needed to hide some.")
-        self.mask_ratio, self.n_latent = float(mask_ratio), n_latent
+        self.mask_ratio, self.n_latent = float(settings.mask_ratio), n_latent
         self.n_pixels = height * width
-        if encoder not in MASKED_IMAGE_ENCODERS:
-            raise ValueError(f"encoder must be one of {MASKED_IMAGE_ENCODERS}, got {encoder!r}.")
-        self.encoder_kind = encoder
+        self.encoder_kind = settings.encoder
         mlp = dict(n_layers=n_layers, use_batch_norm=False, dropout_rate=0.0)
-        if encoder == "mlp":
+        if settings.encoder == "mlp":
             self.encoder = MLP(self.n_pixels + self.n_patches, n_hidden, **mlp)
             self.code = nn.Linear(n_hidden, n_latent)
         else:
             # channels: the visible image and the pixel mask
-            self.encoder = ConvEncoder(2, (height, width), n_latent, widths=conv_widths, batch_norm=False)
+            self.encoder = ConvEncoder(2, (height, width), n_latent, widths=settings.conv_widths, batch_norm=False)
             self.code = None
         self.decoder = MLP(n_latent, n_hidden, **mlp)
         self.out = nn.Linear(n_hidden, self.n_pixels)
@@ -140,7 +160,7 @@ class MaskedImageAutoencoderModule(nn.Module):
 
     def draw_mask(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """``(n, n_patches)`` bool, exactly :attr:`n_masked` True per row, uniformly placed."""
-        return draw_gene_mask(n, self.n_patches, self.mask_ratio, generator=generator, device=device)
+        return draw_feature_mask(n, self.n_patches, self.mask_ratio, generator=generator, device=device)
 
     def pixel_mask(self, patch_mask: torch.Tensor) -> torch.Tensor:
         """``(B, H * W)`` float mask (1.0 hidden) of the pixels of the hidden patches ``(B, n_patches)``."""
@@ -169,7 +189,8 @@ class MaskedImageAutoencoderModule(nn.Module):
 
         Training draws fresh masks from torch's generator; evaluation uses masks drawn from
         :data:`EVAL_MASK_SEED` (the same patches for the same minibatch every epoch).
-        ``extra``: ``masked_mse``, the squared error per hidden pixel. ``kl_weight`` is unused.
+        Terms: ``reconstruction`` (nats per image over its hidden pixels) and ``masked_mse``, the
+        squared error per hidden pixel. ``kl_weight`` is unused.
         """
         generator = None
         if not self.training:
@@ -180,7 +201,4 @@ class MaskedImageAutoencoderModule(nn.Module):
         output = self(batch.x, patch_mask)
         reconstruction = masked_patch_loss(output, target, pixel_mask)
         squared = ((torch.sigmoid(output.detach()) - target) ** 2 * pixel_mask).sum(-1) / pixel_mask.sum(-1)
-        zeros = torch.zeros_like(reconstruction)
-        return LossOutput(
-            loss=reconstruction.mean(), reconstruction=reconstruction, kl=zeros, extra={"masked_mse": squared}
-        )
+        return LossOutput(loss=reconstruction.mean(), terms={"reconstruction": reconstruction, "masked_mse": squared})

@@ -26,18 +26,56 @@ data's units, can be positive, and is not comparable with the Bernoulli NLL of b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.arrays import ArrayBatch
-from ..nn import MLP, GaussianEncoder
-from ..nn.pixels import BINARISATIONS, binarise
-from ._base import LossOutput
-from .vae import gaussian_kl, gaussian_log_prob
+from ...contracts import LossOutput, Module
+from ...distributions import gaussian_kl, gaussian_log_prob
+from ...hyperparameters import Hyperparameters, setting
+from ...nn import MLP, GaussianEncoder
+from ..data import ArrayBatch
+from ..nn.pixels import binarise
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+Likelihood = Literal["bernoulli", "gaussian"]
+Binarisation = Literal["dynamic", "fixed"]
+LIKELIHOODS = get_args(Likelihood)
+
+
+@dataclass(frozen=True)
+class ImageVAEHyperparameters(Hyperparameters):
+    """The image VAE's hyperparameters, declared once: read by :class:`ImageVAEModule`,
+    :class:`sclatent.images.ImageVAE` and ``sclatent mnist-vae``."""
+
+    family: ClassVar[str] = "ImageVAE"
+
+    n_latent: int = setting(50, "Latent dimension.", minimum=1)
+    n_hidden: int = setting(200, "Width of the hidden layers of the encoder's and the decoder's MLPs.", minimum=1)
+    n_layers: int = setting(2, "Hidden layers of the encoder's and the decoder's MLPs.", minimum=1)
+    likelihood: Likelihood = setting(
+        "bernoulli", "Decoder: Bernoulli (binarised images) or Gaussian with one learned variance (continuous values)."
+    )
+    binarisation: Binarisation | None = setting(
+        None,
+        "Binarisation of a Bernoulli model's training images: dynamic (a fresh Bernoulli draw each pass; the "
+        "default) or fixed (threshold 0.5); must be None for the Gaussian decoder.",
+    )
+    var_eps: float = setting(1e-6, "Floor of the posterior variance (it keeps log q finite).", minimum=0.0, cli=False)
+
+    def validate(self) -> None:
+        if self.likelihood == "gaussian" and self.binarisation is not None:
+            raise ValueError(
+                "the Gaussian decoder models continuous values: binarisation must be None "
+                f"(got {self.binarisation!r}); use likelihood='bernoulli' for binarised images."
+            )
+
+
+def resolved_binarisation(likelihood: str, binarisation: str | None) -> str | None:
+    """``binarisation`` with a Bernoulli decoder's default (``"dynamic"``) in place of None."""
+    return "dynamic" if binarisation is None and likelihood == "bernoulli" else binarisation
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -50,62 +88,40 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
-class ImageVAEModule(nn.Module):
+class ImageVAEModule(Module):
     """MLP VAE with a Bernoulli or Gaussian decoder and a ``N(0, I)`` prior.
 
     Parameters
     ----------
     input_shape
         Shape of one item (flattened to ``D`` values internally).
-    n_latent
-        Dimension of ``z``.
-    n_hidden, n_layers
-        Width and depth of the encoder's and the decoder's MLPs.
-    likelihood
-        ``"bernoulli"`` (binarised images) or ``"gaussian"`` (continuous values).
-    binarisation
-        ``"dynamic"`` or ``"fixed"`` (Bernoulli only; must be None for the Gaussian decoder).
-    var_eps
-        Floor of the posterior variance (``v = exp(.) + var_eps``): a standard deviation of at
-        least 0.001, far below what a trained 2-D latent uses, but it keeps ``log q`` finite.
+    **hyperparameters
+        :class:`ImageVAEHyperparameters`: ``n_latent`` (dimension of ``z``), ``n_hidden`` and
+        ``n_layers`` (the encoder's and the decoder's MLPs), ``likelihood`` (``"bernoulli"`` for
+        binarised images, ``"gaussian"`` for continuous values), ``binarisation`` (``"dynamic"``,
+        the Bernoulli default, or ``"fixed"``; None for the Gaussian decoder) and ``var_eps``, the
+        floor of the posterior variance (``v = exp(.) + var_eps``: a standard deviation of at
+        least 0.001, far below what a trained 2-D latent uses, but it keeps ``log q`` finite).
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        n_latent: int = 50,
-        n_hidden: int = 200,
-        n_layers: int = 2,
-        likelihood: str = "bernoulli",
-        binarisation: str | None = "dynamic",
-        var_eps: float = 1e-6,
-    ) -> None:
+    default_monitor = "elbo"
+
+    def __init__(self, input_shape: tuple[int, ...], **hyperparameters: Any) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}.")
-        if likelihood == "bernoulli" and binarisation not in BINARISATIONS:
-            raise ValueError(
-                f"binarisation must be one of {BINARISATIONS} for the Bernoulli decoder, got {binarisation!r}."
-            )
-        if likelihood == "gaussian" and binarisation is not None:
-            raise ValueError(
-                "the Gaussian decoder models continuous values: binarisation must be None "
-                f"(got {binarisation!r}); use likelihood='bernoulli' for binarised images."
-            )
-        if n_latent < 1 or n_hidden < 1 or n_layers < 1:
-            raise ValueError(f"n_latent, n_hidden and n_layers must be >= 1, got {n_latent}, {n_hidden}, {n_layers}.")
+        settings = ImageVAEHyperparameters.from_dict(hyperparameters)
+        n_latent, n_hidden, n_layers = settings.n_latent, settings.n_hidden, settings.n_layers
         self.input_shape = tuple(input_shape)
         self.n_input = math.prod(self.input_shape)
         self.n_latent = n_latent
-        self.likelihood = likelihood
-        self.binarisation = binarisation
+        self.likelihood = settings.likelihood
+        self.binarisation = resolved_binarisation(settings.likelihood, settings.binarisation)
         mlp = {"n_layers": n_layers, "dropout_rate": 0.0, "use_batch_norm": False}
-        self.encoder = GaussianEncoder(self.n_input, n_latent, n_hidden, var_eps=var_eps, **mlp)
+        self.encoder = GaussianEncoder(self.n_input, n_latent, n_hidden, var_eps=settings.var_eps, **mlp)
         self.decoder = MLP(n_latent, n_hidden, **mlp)
         self.out = nn.Linear(n_hidden, self.n_input)
         # Gaussian decoder: log sigma^2, one for all values; starts at sigma = 0.1 (a tenth of the
         # [0, 1] intensity range) rather than 1, which would leave the first epochs KL-dominated
-        self.log_var = nn.Parameter(torch.tensor(math.log(0.01))) if likelihood == "gaussian" else None
+        self.log_var = nn.Parameter(torch.tensor(math.log(0.01))) if self.likelihood == "gaussian" else None
 
     # -------------------------------------------------------------------- pieces
 
@@ -162,7 +178,7 @@ class ImageVAEModule(nn.Module):
         inf = self.inference(x)
         reconstruction = -self.log_likelihood(self.decode(inf["z"][0]), x)
         kl = gaussian_kl(inf["qz_mean"], inf["qz_var"])
-        return LossOutput(loss=torch.mean(reconstruction + kl_weight * kl), reconstruction=reconstruction, kl=kl)
+        return LossOutput.variational(torch.mean(reconstruction + kl_weight * kl), reconstruction, kl)
 
     @torch.no_grad()
     def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

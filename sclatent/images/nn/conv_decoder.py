@@ -1,6 +1,6 @@
 """A DCGAN-style convolutional decoder: a vector to an image through transposed convolutions.
 
-The mirror of :class:`sclatent.nn.conv.ConvEncoder`; shared by the image generators (GAN, and any
+The mirror of :class:`sclatent.images.nn.conv.ConvEncoder`; shared by the image generators (GAN, and any
 model that decodes a latent vector into pixels).
 """
 

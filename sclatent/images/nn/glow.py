@@ -14,12 +14,13 @@ and has no fixed sign; Glow's ``sign(s) exp(log|s|)`` keeps ``W`` invertible by 
 log-scale to ``[-5, 3]`` (zero gradient outside) instead of a smooth bound, and, like every pyro
 ``Transform``, caches ``(x, y)`` pairs, which a multi-scale flow with splits would have to clear by
 hand. The blocks here share one small contract instead, which the multi-scale flow
-(:class:`sclatent.modules.image_flow.ImageFlowModule`) chains.
+(:class:`sclatent.images.modules.flow.ImageFlowModule`) chains.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 import scipy.linalg
@@ -27,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MASKS = ("checkerboard", "channel")
-SCALES = ("tanh", "sigmoid")
+CouplingMask = Literal["channel", "checkerboard"]
+CouplingScale = Literal["tanh", "sigmoid"]
+MASKS = get_args(CouplingMask)
+SCALES = get_args(CouplingScale)
 
 
 class ActNorm(nn.Module):
