@@ -10,9 +10,14 @@ by side (``gemm_pair.c``, with torch's own ``sgemm_``). Why not a torch C++ exte
 against torch's headers takes a minute and needs ninja; these files compile in about a second
 with plain ``cc``.
 
-Everything here is optional. Without a C compiler (or on a platform where the build fails, or with
-``SCLATENT_NATIVE=0``) the torch implementation in :mod:`sclatent.distributions` runs instead,
-with equal results to float32 rounding (tested). ``native_status()`` says which is in use and why.
+Everything here is optional, and one function decides whether it runs: :func:`kernels` answers
+"native kernels for this device and dtype?" for every caller (the likelihood, the sparse layer,
+dropout, the minibatch gather, the VAE's fused pass). Without a C compiler (or on a platform where
+the build fails, or with ``SCLATENT_NATIVE=0``) it answers None and the torch implementations run
+instead, with equal results to float32 rounding (tested). ``native_status()`` says which is in use
+and why. (The VAE's fused training pass has a switch of its own, ``SCLATENT_FUSED=0``, read in
+:func:`sclatent.modules.fused_elbo.applies`: it changes how gradients are computed, not which
+kernels exist.)
 
 The shared library is cached under ``$SCLATENT_CACHE_DIR`` (default ``~/.cache/sclatent``), keyed
 by a hash of the source, the compiler flags and the CPU (it is built with ``-march=native``).
@@ -33,6 +38,8 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +137,23 @@ def _declare(library: ctypes.CDLL) -> None:
         function.argtypes = argtypes
 
 
+def kernels(device: torch.device | str | None = "cpu", dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
+    """The native kernels for tensors of ``device`` and ``dtype``, or None: the one answer for every caller.
+
+    The kernels are CPU float32 code: any other device or dtype gets None, and so does a machine
+    where they cannot be built or ``SCLATENT_NATIVE=0`` (then the torch implementations run,
+    equal to float32 rounding). Built on first call.
+    """
+    if device is None or torch.device(device).type != "cpu" or dtype != torch.float32:
+        return None
+    return library()
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first call; ``None`` when unavailable."""
+    """The loaded kernel library, building it on first call; ``None`` when unavailable.
+
+    Callers ask :func:`kernels` (which also checks the device and dtype) rather than this.
+    """
     global _library, _status
     if _status is None:
         with _lock:
@@ -159,8 +181,6 @@ def blas_addresses() -> tuple[int, int] | None:
     if _blas is False:
         _blas = None
         try:
-            import torch
-
             if torch.backends.mkl.is_available() and library() is not None:
                 lib_dir = Path(torch.__file__).parent / "lib"
                 candidates = sorted(lib_dir.glob("libtorch_cpu.*"))

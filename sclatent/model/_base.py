@@ -1,26 +1,29 @@
-"""What every AnnData-facing model shares: registration, data access, save/load, repr.
+"""What every AnnData-facing model shares: registration, data access, training, save/load.
 
-A model class pairs a registry (what the AnnData looks like) with a pure-torch module (the maths)
-and calls :func:`sclatent.train.fit` to train it. It owns no training loop itself.
+:class:`BaseModel` adds the AnnData side to :class:`sclatent.base.Model` (seed, hyperparameters,
+history, one save/load path, repr): the registry ``setup_anndata`` stored, the cells' tensors
+(:mod:`sclatent.data`), the training/validation split, checkpoints and torchrun. A model class
+pairs it with a pure-torch module and calls :func:`sclatent.train.fit` through
+:meth:`Model._fit`; it owns no training loop.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anndata as ad
 import numpy as np
-import torch
 
-from .. import __version__, distributed
-from .._persistence import read_model_folder, write_model_folder
+from .. import distributed
+from ..base import Model
 from ..checkpoint import has_checkpoint, text_digest
-from ..data import CellData, Registry, SetupError, get_registry, resolve_device, setup_anndata
+from ..contracts import TrainingData
+from ..data import CellData, CountSource, Registry, SetupError, count_source, get_registry, setup_anndata
 from ..data.ondisk import make_cell_data
-from ..train import TrainingPlan, fit, split_cells
+from ..data.registry import REGISTRY_KEY, gene_order_for_query
+from ..train import TrainingPlan, split_cells
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -28,68 +31,51 @@ def default_max_epochs(n_cells: int) -> int:
     return int(max(10, min(400, round(20000 / max(1, n_cells) * 400))))
 
 
-class BaseModel:
+class BaseModel(Model):
     """Base of the AnnData-facing models.
 
-    Subclasses set ``module_class`` and ``name`` and implement :meth:`_module_kwargs` mapping the
-    registry and the user's hyperparameters to the module's constructor arguments.
+    A subclass sets ``module_class``, ``hyperparameters_class`` and ``name`` (the suffix of
+    ``obsm["X_sclatent_<name>"]``) and implements :meth:`_module_kwargs`, the module's
+    constructor arguments from the registry (``self.adata`` is None when loading saved weights).
+
+    Attributes
+    ----------
+    adata
+        The AnnData the model was set up with (None for a model loaded without one).
+    registry
+        What ``setup_anndata`` recorded about it (:class:`sclatent.data.Registry`).
+    train_indices, validation_indices
+        The cells of the last ``train`` call's split (validation: for held-out likelihoods).
     """
 
-    module_class: type[torch.nn.Module]
-    name: str = "model"
+    name: ClassVar[str] = "model"
 
-    def __init__(self, adata: ad.AnnData, seed: int = 0, **hyperparameters: Any) -> None:
-        self.registry: Registry = get_registry(adata)
-        self.adata = adata
-        self.hyperparameters = dict(hyperparameters)
-        self.seed = seed
-        torch.manual_seed(seed)
-        self.module = self.module_class(**self._module_kwargs(adata))
-        self.module.eval()
-        self.history: dict[str, list[float]] = {}
-        self.is_trained = False
+    def __init__(self, adata: ad.AnnData, *, seed: int = 0, **hyperparameters: Any) -> None:
+        self._attach(adata, get_registry(adata), validated=True)  # setup_anndata has just checked it
         self.train_indices = np.zeros(0, dtype=np.int64)
         self.validation_indices = np.zeros(0, dtype=np.int64)
-        self._data_cache: tuple[torch.device, CellData] | None = None
-        self._adata_validated = True  # setup_anndata has just checked it
+        super().__init__(seed=seed, **hyperparameters)
+
+    def _attach(self, adata: ad.AnnData | None, registry: Registry, validated: bool) -> None:
+        self.registry: Registry = registry
+        self.adata = adata
+        self._data_cache: tuple = None
+        self._adata_validated = validated
+        self._source: CountSource | None = None
+
+    def _count_source(self) -> CountSource:
+        """Where the model's AnnData keeps its counts, located once (:func:`sclatent.data.count_source`)."""
+        if self._source is None:
+            self._source = count_source(self.adata, self.registry)
+        return self._source
 
     # ----------------------------------------------------------------- construction
 
-    @classmethod
-    def setup_anndata(
-        cls,
-        adata: ad.AnnData,
-        layer: str | None = None,
-        batch_key: str | None = None,
-        labels_key: str | None = None,
-        categorical_covariate_keys: list[str] | None = None,
-        continuous_covariate_keys: list[str] | None = None,
-        allow_non_integer: bool = False,
-    ) -> Registry:
-        """Validate ``adata`` and register where the counts and covariates are.
-
-        See :func:`sclatent.data.setup_anndata`; the only change made to ``adata`` is the
-        registry stored (as JSON) in ``adata.uns["_sclatent_registry"]``.
-        """
-        return setup_anndata(
-            adata,
-            layer=layer,
-            batch_key=batch_key,
-            labels_key=labels_key,
-            categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-            allow_non_integer=allow_non_integer,
-        )
-
-    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:  # pragma: no cover - abstract
-        """Constructor arguments of the module; ``adata`` is None when loading saved weights."""
-        raise NotImplementedError
+    #: Validate an AnnData and register where its counts and covariates are: :func:`sclatent.data.setup_anndata`
+    #: (the only change made to the AnnData is the registry stored as JSON in ``adata.uns``).
+    setup_anndata = staticmethod(setup_anndata)
 
     # ----------------------------------------------------------------- data access
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
 
     @property
     def var_names(self) -> list[str]:
@@ -107,7 +93,8 @@ class BaseModel:
             if self._data_cache is None or self._data_cache[0] != self.device or on_device is not None:
                 # in memory, or streamed from disk when a backed matrix is too big (logged)
                 validate = not self._adata_validated
-                data = make_cell_data(adata, self.registry, self.device, on_device, validate=validate)
+                source = self._count_source()
+                data = make_cell_data(adata, self.registry, self.device, on_device, validate=validate, source=source)
                 self._data_cache, self._adata_validated = (self.device, data), True
             return self._data_cache[1]
         if not isinstance(adata, ad.AnnData):
@@ -125,12 +112,11 @@ class BaseModel:
             raise IndexError(f"indices must lie in [0, {data.n_cells}).")
         return indices.astype(np.int64)
 
-    def _training_data(self, data: CellData, seed: int) -> CellData:
+    def _training_data(self, data: CellData, seed: int) -> TrainingData:
         """What the trainer iterates over: ``data`` itself unless a subclass wraps it.
 
         Called by :meth:`train` after the split (``self.train_indices`` is set), e.g. to attach
-        per-minibatch inputs such as kNN neighbours (:class:`sclatent.data.neighbours.NeighbourData`).
-        The wrapper needs only ``CellData.iterate``.
+        per-minibatch inputs such as kNN neighbours (:func:`sclatent.data.neighbours.neighbour_data`).
         """
         return data
 
@@ -153,7 +139,7 @@ class BaseModel:
         early_stopping: bool = False,
         patience: int = 45,
         kl_warmup_epochs: int | None = None,
-        monitor: str = "elbo",
+        monitor: str | None = None,
         restore_best: bool = False,
         seed: int | None = None,
         progress_bar: bool = True,
@@ -177,10 +163,10 @@ class BaseModel:
             Fraction of (non-empty) cells used for training; the rest is held out, monitored each
             epoch, and available as ``validation_indices`` for held-out likelihoods.
         early_stopping, patience
-            Stop when the held-out ELBO (or ``monitor``) has not improved for ``patience`` epochs.
+            Stop when ``monitor`` has not improved on the held-out cells for ``patience`` epochs.
         monitor, restore_best
-            What early stopping watches (``"elbo"`` or a loss term the model reports), and whether
-            to end with the best epoch's parameters.
+            What early stopping watches (``"elbo"``, ``"loss"`` or a term the model reports; default
+            the model's own: the ELBO for the VAE), and whether to end with the best epoch's parameters.
         kl_warmup_epochs
             Epochs over which the KL weight rises to 1; default ``min(400, max_epochs // 3)``.
         seed
@@ -211,9 +197,10 @@ class BaseModel:
         gradient of its ``batch_size`` cells, so the *effective batch size is N x batch_size* and an
         epoch has N times fewer steps; ``lr`` is used as given (not scaled with N): to reproduce a
         one-process run with ``batch_size=B``, pass ``batch_size=B // N``. The gradients are
-        combined by :class:`torch.nn.parallel.DistributedDataParallel` for one-objective models
-        (reduced in buckets during the backward pass) and by one all-reduce per group step for
-        adversarial ones (their parameter groups are frozen in turn, which DDP does not fit).
+        combined by :class:`torch.nn.parallel.DistributedDataParallel` for models trained through
+        autograd (reduced in buckets during the backward pass), and by one all-reduce of the flat
+        gradient per update for the VAE's direct-gradient pass and for adversarial models (their
+        parameter groups are frozen in turn, which DDP does not fit): :mod:`sclatent.steps`.
         BatchNorm normalises with each process's own cells (its running statistics are averaged
         over the processes once per epoch). Every process ends with the same parameters and
         history; only rank 0 should write files.
@@ -223,7 +210,7 @@ class BaseModel:
         self.module.to(launch.device)
         data = self._data(on_device=data_on_device)
         # a backed matrix is loaded or streamed (logged at INFO); the progress bar says which
-        storage = getattr(data, "storage_note", None)
+        storage = data.storage_note
         seed = self.seed if seed is None else seed
         cells = data.nonempty_cells
         if len(cells) < 3:
@@ -249,27 +236,19 @@ class BaseModel:
             monitor=monitor,
             restore_best=restore_best,
         )
-        base_history = self.history if checkpoint_dir is None else self._history_before_run(checkpoint_dir)
-        history = fit(
-            self.module,
+        self._fit(
             data,
             self.train_indices,
             self.validation_indices,
             plan,
             seed=seed,
             progress_bar=progress_bar,
+            history=None if checkpoint_dir is None else self._history_before_run(checkpoint_dir),
             description=f"Training {type(self).__name__}" + (f" ({storage})" if storage else ""),
             distributed=launch,
             checkpoint_dir=checkpoint_dir,
             checkpoint_identity=self._checkpoint_identity(),
         )
-        self.history = base_history
-        for key, values in history.items():
-            if key == "epoch" and self.history.get("epoch"):
-                offset = self.history["epoch"][-1]
-                values = [v + offset for v in values]
-            self.history.setdefault(key, []).extend(values)
-        self.is_trained = True
         return self
 
     def _checkpoint_identity(self) -> dict[str, str]:
@@ -296,27 +275,24 @@ class BaseModel:
 
     # ----------------------------------------------------------------- persistence
 
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``model.pt`` (state dict) and ``metadata.json`` (registry, settings, history).
-
-        The AnnData itself is not saved; pass it to :meth:`load`.
-        """
-        metadata = {
-            "sclatent_version": __version__,
-            "model_class": type(self).__name__,
-            "hyperparameters": self.hyperparameters,
-            "seed": self.seed,
+    def _metadata(self) -> dict[str, Any]:
+        return {
             "registry": json.loads(self.registry.to_json()),
-            "history": self.history,
-            "is_trained": self.is_trained,
             "train_indices": self.train_indices.tolist(),
             "validation_indices": self.validation_indices.tolist(),
         }
-        return write_model_folder(directory, self.module.state_dict(), metadata, overwrite=overwrite)
+
+    def _set_context(self, metadata: dict[str, Any], adata: ad.AnnData | None = None) -> None:
+        registry = Registry.from_json(json.dumps(metadata["registry"]))
+        if adata is not None:
+            _attach_registry(adata, registry)
+        self._attach(adata, registry, validated=False)
+        self.train_indices = np.asarray(metadata["train_indices"], dtype=np.int64)
+        self.validation_indices = np.asarray(metadata["validation_indices"], dtype=np.int64)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, adata: ad.AnnData | None = None, accelerator: str = "cpu") -> BaseModel:
-        """Load a model saved with :meth:`save`.
+        """Load a model saved with :meth:`save` (weights read with ``weights_only=True``).
 
         Parameters
         ----------
@@ -328,48 +304,20 @@ class BaseModel:
             ``adata`` argument.
         accelerator
             Device to load onto.
-        """
-        state, metadata = read_model_folder(directory, cls.__name__)
-        registry = Registry.from_json(json.dumps(metadata["registry"]))
-        if adata is not None:
-            _attach_registry(adata, registry)
-        model = cls.__new__(cls)
-        model.registry = registry
-        model.adata = adata
-        model.hyperparameters = metadata["hyperparameters"]
-        model.seed = metadata["seed"]
-        model.module = cls.module_class(**model._module_kwargs(adata))
-        model.module.load_state_dict(state)
-        model.module.to(resolve_device(accelerator))
-        model.module.eval()
-        model.history = {k: list(v) for k, v in metadata["history"].items()}
-        model.is_trained = metadata["is_trained"]
-        model.train_indices = np.asarray(metadata["train_indices"], dtype=np.int64)
-        model.validation_indices = np.asarray(metadata["validation_indices"], dtype=np.int64)
-        model._data_cache = None
-        model._adata_validated = False
-        return model
 
-    def __repr__(self) -> str:
-        n_params = sum(p.numel() for p in self.module.parameters())
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
-        status = "trained" if self.is_trained else "not trained"
-        if self.history.get("epoch"):
-            status += f" for {self.history['epoch'][-1]} epochs"
-            if self.history.get("validation_elbo"):
-                status += f", held-out ELBO {self.history['validation_elbo'][-1]:.2f} nats/cell"
-        return (
-            f"{type(self).__name__}({settings})\n"
-            f"  data: {self.registry.summary()}\n"
-            f"  module: {type(self.module).__name__} with {n_params:,} parameters on {self.device}\n"
-            f"  status: {status}"
-        )
+        Raises
+        ------
+        sclatent.ModelLoadError
+            A damaged folder (unreadable ``metadata.json``, truncated or corrupted ``model.pt``).
+        """
+        return cls._load(directory, accelerator, adata=adata)
+
+    def _repr_data(self) -> list[str]:
+        return [f"  data: {self.registry.summary()}"]
 
 
 def _attach_registry(adata: ad.AnnData, registry: Registry) -> None:
     """Check a loaded model's AnnData against the saved registry."""
-    from ..data.registry import REGISTRY_KEY, gene_order_for_query
-
     gene_order_for_query(adata, registry)  # raises on missing genes
     if REGISTRY_KEY not in adata.uns:
         adata.uns[REGISTRY_KEY] = registry.to_json()

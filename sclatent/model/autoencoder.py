@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import torch
 
 from ..data import SetupError
-from ..modules.autoencoder import NORMALISED_TOTAL, AutoencoderModule
-from ..nn.noise import NOISE_KINDS
+from ..modules.autoencoder import NORMALISED_TOTAL, AutoencoderModule, DenoisingAEHyperparameters
 from ._base import BaseModel
 
 
@@ -25,35 +24,16 @@ class DenoisingAE(BaseModel):
     ----------
     adata
         AnnData registered with :meth:`DenoisingAE.setup_anndata` (raw counts).
-    n_latent, n_hidden, n_layers
-        Bottleneck width, hidden width and hidden layers of encoder and decoder (DCA: 32, 64, 1).
-    dropout_rate
-        Dropout in the encoder's hidden layers (a regulariser, not the input corruption).
-    gene_likelihood
-        ``"zinb"``, ``"nb"``, ``"poisson"``; ``"gaussian"`` with ``linear=True``.
-    noise
-        Input corruption: ``"masking"`` (default: entries zeroed with probability ``noise_rate``
-        and the mask concatenated to the input, so the model learns to predict missing counts from
-        the others; the best of the four at imputation in ``benchmarks/RESULTS.md``),
-        ``"gaussian"`` (additive, ``noise_rate`` = std on the log scale), ``"salt"`` (entries
-        zeroed, no mask) or ``"none"`` (plain bottleneck autoencoder).
-    noise_rate
-        Strength of the corruption (see ``noise``).
-    sparsity
-        Weight of an L1 penalty on the code (sparse autoencoder).
-    contractive
-        Weight of the squared Frobenius norm of the encoder's Jacobian (contractive autoencoder).
-    tied_weights
-        Decoder weights are the transposes of the encoder's.
-    linear
-        PCA as an autoencoder: linear maps, mean squared error on the gene-centred log-normalised
-        data (``gene_likelihood="gaussian"``, no noise).
-    encode_covariates
-        Condition the encoder on batch and covariates (the decoder always is).
-    validation_mask_rate
-        Fraction of the held-out cells' nonzero counts hidden and predicted for early stopping.
+    {hyperparameters}
     seed
         Seed of the initialisation and default seed of ``train``.
+
+    Notes
+    -----
+    The default ``noise="masking"`` makes the model learn to predict missing counts from the
+    others: the best of the four corruptions at imputation in ``benchmarks/RESULTS.md``. With
+    ``linear=True`` the ``gene_likelihood`` is set to ``"gaussian"`` whatever is passed (PCA as an
+    autoencoder is defined by squared error).
 
     Examples
     --------
@@ -67,58 +47,24 @@ class DenoisingAE(BaseModel):
     """
 
     module_class = AutoencoderModule
+    hyperparameters_class = DenoisingAEHyperparameters
     name = "dae"
 
-    def __init__(
-        self,
-        adata: ad.AnnData,
-        n_latent: int = 32,
-        n_hidden: int = 64,
-        n_layers: int = 1,
-        dropout_rate: float = 0.0,
-        gene_likelihood: Literal["zinb", "nb", "poisson", "gaussian"] = "zinb",
-        noise: Literal["gaussian", "salt", "masking", "none"] = "masking",
-        noise_rate: float = 0.1,
-        sparsity: float = 0.0,
-        contractive: float = 0.0,
-        tied_weights: bool = False,
-        linear: bool = False,
-        encode_covariates: bool = True,
-        validation_mask_rate: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        if noise not in NOISE_KINDS:
-            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}.")
-        if linear and gene_likelihood != "gaussian":
-            gene_likelihood = "gaussian"  # PCA as an autoencoder is defined by squared error
-        super().__init__(
-            adata,
-            seed=seed,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            gene_likelihood=gene_likelihood,
-            noise=noise,
-            noise_rate=noise_rate,
-            sparsity=sparsity,
-            contractive=contractive,
-            tied_weights=tied_weights,
-            linear=linear,
-            encode_covariates=encode_covariates,
-            validation_mask_rate=validation_mask_rate,
-        )
-        if linear:
+    def __init__(self, adata: ad.AnnData, *, seed: int = 0, **hyperparameters: Any) -> None:
+        if hyperparameters.get("linear") and hyperparameters.get("gene_likelihood") != "gaussian":
+            hyperparameters["gene_likelihood"] = "gaussian"  # PCA as an autoencoder is defined by squared error
+        super().__init__(adata, seed=seed, **hyperparameters)
+        if self.hyperparameters["linear"]:
             self.module.input_mean.copy_(self._input_mean())
 
-    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:
+    def _module_kwargs(self) -> dict[str, Any]:
         reg = self.registry
         return dict(
             n_genes=reg.n_genes,
             n_batch=reg.n_batch,
             n_cats_per_cov=reg.n_cats_per_covariate,
             n_continuous=len(reg.continuous_covariate_keys),
-            **self.hyperparameters,
+            **self._module_hyperparameters(),
         )
 
     def _input_mean(self) -> torch.Tensor:
@@ -147,12 +93,12 @@ class DenoisingAE(BaseModel):
         (``validation_masked_nll``, see ``AutoencoderModule.masked_nll``). An autoencoder has no KL
         term to keep it from memorising the training counts; trained on, it reproduces their zeros,
         dropouts included, even while the held-out reconstruction loss still improves (measured in
-        ``benchmarks/RESULTS.md``). Pass ``monitor="elbo"`` to stop on the plain reconstruction
-        loss, ``early_stopping=False`` to train all epochs.
+        ``benchmarks/RESULTS.md``). Pass ``monitor="reconstruction"`` to stop on the plain
+        reconstruction loss (the module's default), ``early_stopping=False`` to train all epochs.
 
         History: ``train_reconstruction`` / ``validation_reconstruction`` (negative log-likelihood
-        per cell, nats; for the linear AE half the squared error) and, with penalties,
-        ``train_l1`` / ``train_contractive``.
+        per cell, nats; for the linear AE half the squared error), ``validation_masked_nll`` and,
+        with penalties, ``train_l1`` / ``train_contractive``. No ``*_elbo``: an autoencoder has none.
         """
         kwargs.setdefault("kl_warmup_epochs", 0)
         if early_stopping and train_size < 1.0 and self.module.validation_mask_rate > 0:
@@ -243,7 +189,7 @@ class DenoisingAE(BaseModel):
         squared error on the centred log-normalised data)."""
         total, n = 0.0, 0
         for batch in self._batches(adata, indices, batch_size):
-            total += float(self.module.loss(batch).reconstruction.sum())
+            total += float(self.module.loss(batch).terms["reconstruction"].sum())
             n += batch.size
         return total / max(1, n)
 

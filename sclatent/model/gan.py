@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from ..data import SetupError
-from ..modules.gan import GANModule
+from ..modules.gan import CellGANHyperparameters, GANModule
 from ..train import split_cells
 from ._base import BaseModel
 
@@ -41,14 +41,7 @@ class CellGAN(BaseModel):
     adata
         AnnData registered with :meth:`CellGAN.setup_anndata` (raw counts). With ``labels_key``
         the GAN is conditioned on it; without, it is unconditional.
-    n_noise
-        Width of the generator's noise.
-    generator_hidden, critic_hidden
-        Hidden layer widths of generator and critic.
-    n_critic
-        Critic updates per generator update.
-    gradient_penalty_weight
-        WGAN-GP's ``lambda``.
+    {hyperparameters}
     seed
         Seed of the initialisation and default seed of ``train``.
 
@@ -67,27 +60,10 @@ class CellGAN(BaseModel):
     """
 
     module_class = GANModule
+    hyperparameters_class = CellGANHyperparameters
     name = "gan"
 
-    def __init__(
-        self,
-        adata: ad.AnnData,
-        n_noise: int = 64,
-        generator_hidden: tuple[int, ...] = (256, 512),
-        critic_hidden: tuple[int, ...] = (256, 128),
-        n_critic: int = 5,
-        gradient_penalty_weight: float = 10.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            adata,
-            seed=seed,
-            n_noise=n_noise,
-            generator_hidden=list(generator_hidden),
-            critic_hidden=list(critic_hidden),
-            n_critic=n_critic,
-            gradient_penalty_weight=gradient_penalty_weight,
-        )
+    def _check_hyperparameters(self) -> None:
         reg = self.registry
         if reg.batch_key or reg.categorical_covariate_keys or reg.continuous_covariate_keys:
             raise SetupError(
@@ -95,11 +71,9 @@ class CellGAN(BaseModel):
                 "modelled. Register the AnnData without them."
             )
 
-    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:
-        hp = dict(self.hyperparameters)
-        hp["generator_hidden"] = tuple(hp["generator_hidden"])
-        hp["critic_hidden"] = tuple(hp["critic_hidden"])
-        return dict(n_genes=self.registry.n_genes, n_labels=self.registry.n_labels, **hp)
+    def _module_kwargs(self) -> dict[str, Any]:
+        reg = self.registry
+        return dict(n_genes=reg.n_genes, n_labels=reg.n_labels, **self._module_hyperparameters())
 
     @property
     def cell_types(self) -> list[str]:

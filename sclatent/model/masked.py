@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
-from ..data import CellData, SetupError, resolve_device
-from ..modules.masked import MASKED_ENCODERS, MaskedGeneModule, draw_gene_mask, n_masked_genes
+from ..data import SetupError, resolve_device
+from ..modules.masked import MaskedGeneModelHyperparameters, MaskedGeneModule, draw_gene_mask, n_masked_genes
 from ..train import TrainingPlan, fit
 from ._base import BaseModel
 
@@ -77,27 +77,14 @@ class MaskedGeneModel(BaseModel):
     ----------
     adata
         AnnData registered with :meth:`MaskedGeneModel.setup_anndata` (raw counts).
-    encoder
-        ``"mlp"`` (an MLP over the masked, log-normalised expression and the mask) or
-        ``"transformer"`` (tokens = the cell's ``n_tokens`` top visible genes, each a learned gene
-        embedding plus a value embedding; mean-pooled).
-    n_latent
-        Width of the cell embedding.
-    n_hidden, n_layers
-        Hidden width and depth of the MLP encoder and of the decoder.
-    dropout_rate
-        Dropout in the encoder.
-    gene_likelihood
-        ``"nb"`` (default: UMI counts need no zero inflation, and it is one head fewer),
-        ``"zinb"`` or ``"poisson"``.
-    mask_rate
-        Fraction of genes hidden per cell; exactly ``round(mask_rate * n_genes)`` genes
-        (``model.n_masked``), drawn uniformly whatever their counts.
-    n_tokens, d_model, n_heads, n_transformer_layers
-        Transformer size (defaults 64 tokens, width 64, 4 heads, 2 layers: seconds per CPU epoch on
-        3k cells).
+    {hyperparameters}
     seed
         Seed of the initialisation and default seed of :meth:`train` and :meth:`fine_tune`.
+
+    Notes
+    -----
+    ``model.n_masked`` is the number of genes hidden per cell. The transformer's defaults (64
+    tokens, width 64, 4 heads, 2 layers) take seconds per CPU epoch on 3k cells.
 
     Examples
     --------
@@ -113,47 +100,13 @@ class MaskedGeneModel(BaseModel):
     """
 
     module_class = MaskedGeneModule
+    hyperparameters_class = MaskedGeneModelHyperparameters
     name = "masked"
     # the cells whose labels the last fine_tune used (indices into its AnnData)
     labelled_indices: np.ndarray = np.zeros(0, dtype=np.int64)
 
-    def __init__(
-        self,
-        adata: ad.AnnData,
-        encoder: Literal["mlp", "transformer"] = "mlp",
-        n_latent: int = 32,
-        n_hidden: int = 128,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
-        mask_rate: float = 0.15,
-        n_tokens: int = 64,
-        d_model: int = 64,
-        n_heads: int = 4,
-        n_transformer_layers: int = 2,
-        seed: int = 0,
-    ) -> None:
-        if encoder not in MASKED_ENCODERS:
-            raise ValueError(f"encoder must be one of {MASKED_ENCODERS}, got {encoder!r}.")
-        super().__init__(
-            adata,
-            seed=seed,
-            encoder=encoder,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            gene_likelihood=gene_likelihood,
-            mask_rate=mask_rate,
-            n_tokens=n_tokens,
-            d_model=d_model,
-            n_heads=n_heads,
-            n_transformer_layers=n_transformer_layers,
-        )
-
-    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:
+    def _module_kwargs(self) -> dict[str, Any]:
         reg = self.registry
-        settings = {k: v for k, v in self.hyperparameters.items() if k != "classifier"}
         classifier = self.hyperparameters.get("classifier")
         return dict(
             n_genes=reg.n_genes,
@@ -161,7 +114,7 @@ class MaskedGeneModel(BaseModel):
             n_cats_per_cov=reg.n_cats_per_covariate,
             n_continuous=len(reg.continuous_covariate_keys),
             n_classes=len(classifier["classes"]) if classifier else 0,
-            **settings,
+            **self._module_hyperparameters(),
         )
 
     @property
@@ -194,8 +147,8 @@ class MaskedGeneModel(BaseModel):
         every epoch). Other arguments as :meth:`sclatent.model.VAE.train`.
 
         History: ``train_reconstruction`` / ``validation_reconstruction``: negative log-likelihood
-        of the hidden counts per cell (nats, summed over the ``n_masked`` hidden genes);
-        ``*_elbo`` is its negative (no KL term).
+        of the hidden counts per cell (nats, summed over the ``n_masked`` hidden genes; what early
+        stopping watches by default). No ``*_elbo``: the objective is not an evidence lower bound.
         """
         kwargs.setdefault("kl_warmup_epochs", 0)
         if early_stopping and train_size < 1.0:
@@ -267,7 +220,7 @@ class MaskedGeneModel(BaseModel):
         -------
         The model. The head's classes (all non-missing labels of ``adata``) are ``model.classes``;
         the per-epoch cross-entropy and accuracy on the labelled cells are in
-        ``model.history["fine_tune_train_reconstruction"]`` / ``["fine_tune_train_accuracy"]``.
+        ``model.history["fine_tune_train_cross_entropy"]`` / ``["fine_tune_train_accuracy"]``.
         """
         target = self.adata if adata is None else adata
         if target is None:
@@ -290,16 +243,16 @@ class MaskedGeneModel(BaseModel):
         seed = self.seed if seed is None else seed
         device = resolve_device(accelerator)
         self.module.to(device)
-        # a fresh CellData whatever ``adata`` is: validates a new AnnData's genes and counts, and its
-        # label codes are this column's, not the registry's (the cached training data stay untouched)
-        data = CellData(target, self.registry, device, validate=target is not self.adata or not self._adata_validated)
+        # the cells as training reads them (in memory or streamed from disk; a new AnnData's genes and
+        # counts validated), relabelled below with this column's codes in a copy (the cached data keep theirs)
+        data = self._data(target)
         candidates = np.flatnonzero(codes >= 0) if indices is None else self._indices(data, indices)
         candidates = candidates[codes[candidates] >= 0]
         candidates = candidates[data.library[torch.as_tensor(candidates, device=device)].cpu().numpy() > 0]
         if len(candidates) == 0:
             raise SetupError(f"No candidate cell has both counts and a label in adata.obs[{labels_key!r}].")
         labelled = labelled_subset(target.obs[labels_key].to_numpy(), fraction_labelled, seed, candidates)
-        data.label_index = torch.as_tensor(np.maximum(codes, 0), device=data.device)
+        data = data.with_labels(np.maximum(codes, 0))
 
         if max_epochs is None:
             max_epochs = max(1, math.ceil(_FINE_TUNE_STEPS / math.ceil(len(labelled) / batch_size)))
@@ -330,12 +283,12 @@ class MaskedGeneModel(BaseModel):
             for p in frozen:
                 p.requires_grad_(True)
             self.module.objective = "masked"
-        kept = ("epoch", "train_reconstruction", "train_accuracy")
+        kept = ("epoch", "train_cross_entropy", "train_accuracy")
         self.history.update({f"fine_tune_{k}": v for k, v in history.items() if k in kept})
         self.hyperparameters["classifier"] = {"labels_key": labels_key, "classes": classes}
         self.labelled_indices = labelled
         if target is not self.adata:
-            self.adata, self._data_cache, self._adata_validated = target, None, True
+            self._attach(target, self.registry, validated=True)
         return self
 
     # ----------------------------------------------------------------- outputs

@@ -12,21 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.ondisk import MatrixWriter, is_on_disk, row_totals
-from ..data.registry import get_count_matrix
-from ..modules.vae import DISPERSIONS, POSTERIORS, PRIORS, VAEModule
+from ..base import seeded
+from ..data.ondisk import MatrixWriter
+from ..data.registry import library_log_prior
+from ..modules.vae import VAEHyperparameters, VAEModule
 from ._base import BaseModel
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None):
-    """Run the block with torch's global RNG seeded, restoring its state afterwards."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 class VAE(BaseModel):
@@ -36,35 +26,7 @@ class VAE(BaseModel):
     ----------
     adata
         AnnData registered with :meth:`VAE.setup_anndata`.
-    n_latent, n_hidden, n_layers, dropout_rate
-        Latent dimension, hidden width, hidden layers and encoder dropout.
-    dispersion
-        Inverse-dispersion sharing: ``"gene"``, ``"gene-batch"``, ``"gene-label"``, ``"gene-cell"``.
-    gene_likelihood
-        ``"zinb"`` (default), ``"nb"`` or ``"poisson"``.
-    use_observed_library
-        Use the observed log total counts as library size (default) instead of a latent
-        log-normal variable with a per-batch prior.
-    encode_covariates
-        Condition the encoder on batch and covariates (the decoder always is).
-    inject_covariates
-        Feed covariates into every hidden layer rather than only the first.
-    prior
-        Prior of z: ``"normal"`` (``N(0, I)``, scVI's; default), or a learned normalizing flow
-        ``"planar"`` (planar layers) or ``"realnvp"`` (affine couplings), trained with the rest by
-        a Monte Carlo KL term. See :mod:`sclatent.nn.flows`.
-    n_flows
-        Number of flow layers of a flow prior.
-    flow_hidden
-        Hidden width of each RealNVP coupling's conditioner network.
-    posterior
-        Variational posterior of z: ``"normal"`` (the Gaussian encoder, scVI's; default) or ``"iaf"``
-        (the Gaussian sample pushed through an inverse autoregressive flow conditioned on the cell's
-        Gaussian parameters ``[m(x), log v(x)]``; Monte Carlo KL). Works with any ``prior``.
-    n_posterior_flows
-        Number of IAF layers of an IAF posterior.
-    posterior_flow_hidden
-        Hidden width of each IAF layer's autoregressive network.
+    {hyperparameters}
     seed
         Seed of the weight initialisation (and the default seed of ``train``).
 
@@ -79,66 +41,14 @@ class VAE(BaseModel):
     """
 
     module_class = VAEModule
+    hyperparameters_class = VAEHyperparameters
     name = "vae"
 
-    def __init__(
-        self,
-        adata: ad.AnnData,
-        n_latent: int = 10,
-        n_hidden: int = 128,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-        use_observed_library: bool = True,
-        encode_covariates: bool = True,
-        inject_covariates: bool = True,
-        prior: Literal["normal", "planar", "realnvp"] = "normal",
-        n_flows: int = 8,
-        flow_hidden: int = 64,
-        posterior: Literal["normal", "iaf"] = "normal",
-        n_posterior_flows: int = 4,
-        posterior_flow_hidden: int = 64,
-        seed: int = 0,
-    ) -> None:
-        if dispersion not in DISPERSIONS:
-            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
-        if prior != "normal" and int(n_flows) < 1:
-            raise ValueError(f"n_flows must be >= 1 for a flow prior, got {n_flows}.")
-        if posterior not in POSTERIORS:
-            raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}.")
-        extra = {}
-        if posterior != "normal":  # stored only when used: a normal-posterior model's metadata is unchanged
-            if int(n_posterior_flows) < 1:
-                raise ValueError(f"n_posterior_flows must be >= 1 for an IAF posterior, got {n_posterior_flows}.")
-            extra = dict(
-                posterior=posterior,
-                n_posterior_flows=int(n_posterior_flows),
-                posterior_flow_hidden=int(posterior_flow_hidden),
-            )
-        super().__init__(
-            adata,
-            seed=seed,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            dispersion=dispersion,
-            gene_likelihood=gene_likelihood,
-            use_observed_library=use_observed_library,
-            encode_covariates=encode_covariates,
-            inject_covariates=inject_covariates,
-            prior=prior,
-            n_flows=int(n_flows),
-            flow_hidden=int(flow_hidden),
-            **extra,
-        )
-        if dispersion == "gene-label" and not self.registry.labels_key:
+    def _check_hyperparameters(self) -> None:
+        if self.hyperparameters["dispersion"] == "gene-label" and not self.registry.labels_key:
             raise ValueError("dispersion='gene-label' needs labels: call setup_anndata(adata, labels_key=...).")
 
-    def _module_kwargs(self, adata: ad.AnnData | None) -> dict[str, Any]:
+    def _module_kwargs(self) -> dict[str, Any]:
         reg = self.registry
         kwargs = dict(
             n_genes=reg.n_genes,
@@ -146,10 +56,11 @@ class VAE(BaseModel):
             n_labels=reg.n_labels,
             n_cats_per_cov=reg.n_cats_per_covariate,
             n_continuous=len(reg.continuous_covariate_keys),
-            **self.hyperparameters,
+            **self._module_hyperparameters(),
         )
-        if not kwargs["use_observed_library"] and adata is not None:
-            kwargs["library_log_means"], kwargs["library_log_vars"] = _library_prior(adata, reg)
+        if not self.hyperparameters["use_observed_library"] and self.adata is not None:
+            prior = library_log_prior(self.adata, reg, source=self._count_source())
+            kwargs["library_log_means"], kwargs["library_log_vars"] = prior
         return kwargs
 
     # ----------------------------------------------------------------- outputs
@@ -287,7 +198,9 @@ class VAE(BaseModel):
         self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0
     ) -> float:
         """Mean negative log-likelihood -log p(x | z) per cell (nats; z sampled from q)."""
-        return self._mean_per_cell(lambda b: self.module.loss(b).reconstruction, adata, indices, batch_size, seed)
+        return self._mean_per_cell(
+            lambda b: self.module.loss(b).terms["reconstruction"], adata, indices, batch_size, seed
+        )
 
     def get_kl_divergence(
         self, adata: ad.AnnData | None = None, indices=None, batch_size: int = 1024, seed: int | None = 0
@@ -335,23 +248,3 @@ class VAE(BaseModel):
             return np.zeros((0, self.registry.n_genes) + ((n_samples,) if n_samples > 1 else ()), np.float32)
         samples = torch.cat(out).numpy()
         return samples[..., 0] if n_samples == 1 else samples
-
-
-def _library_prior(adata: ad.AnnData, registry) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of the log library size of the non-empty cells in each batch."""
-    matrix, _ = get_count_matrix(adata, registry.layer)
-    # a matrix on disk is summed in row chunks, never loaded whole
-    totals = row_totals(matrix) if is_on_disk(matrix) else np.asarray(matrix.sum(axis=1)).ravel()
-    if registry.batch_key:
-        from ..data.registry import encode_categorical
-
-        codes = encode_categorical(adata, registry.batch_key, registry.batch_categories, "batch_key")
-    else:
-        codes = np.zeros(adata.n_obs, dtype=np.int64)
-    means, variances = np.zeros(registry.n_batch), np.ones(registry.n_batch)
-    for b in range(registry.n_batch):
-        logs = np.log(totals[(codes == b) & (totals > 0)])
-        if logs.size:
-            means[b] = logs.mean()
-            variances[b] = max(logs.var(), 1e-3)
-    return means, variances

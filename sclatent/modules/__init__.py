@@ -1,10 +1,26 @@
-"""Pure ``torch.nn.Module`` models: they know minibatches, never AnnData or training loops."""
+"""Pure ``torch.nn.Module`` models of cells: they know minibatches, never AnnData or training loops.
 
-from ._base import LossOutput
-from .autoencoder import AutoencoderModule
-from .contrastive import ContrastiveModule
-from .gan import GANModule
-from .masked import MaskedGeneModule
-from .vae import VAEModule
+Each family is one file declaring its hyperparameters once (a :class:`~sclatent.hyperparameters.Hyperparameters`
+dataclass) and its module on the contract of :mod:`sclatent.contracts` (``loss(batch) -> LossOutput``).
+"""
 
-__all__ = ["AutoencoderModule", "ContrastiveModule", "GANModule", "LossOutput", "MaskedGeneModule", "VAEModule"]
+from ..contracts import LossOutput
+from .autoencoder import AutoencoderModule, DenoisingAEHyperparameters
+from .contrastive import ContrastiveHyperparameters, ContrastiveModule
+from .gan import CellGANHyperparameters, GANModule
+from .masked import MaskedGeneModelHyperparameters, MaskedGeneModule
+from .vae import VAEHyperparameters, VAEModule
+
+__all__ = [
+    "AutoencoderModule",
+    "CellGANHyperparameters",
+    "ContrastiveHyperparameters",
+    "ContrastiveModule",
+    "DenoisingAEHyperparameters",
+    "GANModule",
+    "LossOutput",
+    "MaskedGeneModelHyperparameters",
+    "MaskedGeneModule",
+    "VAEHyperparameters",
+    "VAEModule",
+]

@@ -20,38 +20,77 @@ noise); its decoder spans the top principal subspace at the optimum (Baldi & Hor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+
 import torch
 from torch import nn
 
+from ..contracts import LossOutput, Module
 from ..data.loader import MiniBatch
-from ..distributions import GENE_LIKELIHOODS, log_prob, softmax_count_log_likelihood
+from ..distributions import GeneLikelihood, log_prob, softmax_count_log_likelihood
+from ..hyperparameters import Hyperparameters, setting
 from ..nn import MLP
-from ..nn.noise import InputNoise
+from ..nn.blocks import TiedLinear
+from ..nn.noise import InputNoise, NoiseKind
 from ..nn.regularisers import contractive_penalty
-from ._base import LossOutput
 
-AUTOENCODER_LIKELIHOODS = (*GENE_LIKELIHOODS, "gaussian")
+AutoencoderLikelihood = Literal[GeneLikelihood, "gaussian"]
+AUTOENCODER_LIKELIHOODS: tuple[str, ...] = get_args(AutoencoderLikelihood)
 NORMALISED_TOTAL = 1e4
 
 
-class TiedLinear(nn.Module):
-    """``x @ source.weight[:, :n_out] + bias``: the transpose of another layer's weight, own bias.
+@dataclass(frozen=True)
+class DenoisingAEHyperparameters(Hyperparameters):
+    """The count autoencoder's hyperparameters, declared once: read by :class:`AutoencoderModule`,
+    :class:`sclatent.model.DenoisingAE` and the ``fit-dae`` command."""
 
-    The source is referenced, not registered, so its weight is stored (and optimised) once.
-    """
+    family: ClassVar[str] = "DenoisingAE"
 
-    def __init__(self, source: nn.Module, n_out: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "_source", source)
-        self.n_out = n_out
-        self.bias = nn.Parameter(torch.zeros(n_out))
+    n_latent: int = setting(32, "Bottleneck width (DCA: 32).")
+    n_hidden: int = setting(64, "Width of the hidden layers of encoder and decoder (DCA: 64).")
+    n_layers: int = setting(1, "Hidden layers of encoder and decoder (DCA: 1).")
+    dropout_rate: float = setting(
+        0.0, "Dropout in the encoder's hidden layers (a regulariser, not the input corruption)."
+    )
+    gene_likelihood: AutoencoderLikelihood = setting(
+        "zinb", "Count distribution of each gene; 'gaussian' (squared error) with linear=True only."
+    )
+    noise: NoiseKind = setting(
+        "masking",
+        "Input corruption: 'masking' (entries zeroed with probability noise_rate and the mask concatenated to "
+        "the input), 'gaussian' (additive, noise_rate = std on the log scale), 'salt' (entries zeroed, no mask) "
+        "or 'none' (plain bottleneck autoencoder).",
+    )
+    noise_rate: float = setting(0.1, "Strength of the corruption (see noise).")
+    sparsity: float = setting(0.0, "Weight of an L1 penalty on the code (sparse autoencoder).")
+    contractive: float = setting(
+        0.0, "Weight of the squared Frobenius norm of the encoder's Jacobian (contractive autoencoder)."
+    )
+    tied_weights: bool = setting(False, "Decoder weights are the transposes of the encoder's.")
+    linear: bool = setting(
+        False,
+        "PCA as an autoencoder: linear maps, mean squared error on the gene-centred log-normalised data "
+        "(gene_likelihood='gaussian', no noise).",
+    )
+    encode_covariates: bool = setting(True, "Condition the encoder on batch and covariates (the decoder always is).")
+    validation_mask_rate: float = setting(
+        0.1, "Fraction of the held-out cells' nonzero counts hidden and predicted for early stopping (0: off)."
+    )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._source.weight  # (n_source_out, n_source_in): its rows are our inputs
-        return torch.addmm(self.bias, x, weight[:, : self.n_out])
+    def validate(self) -> None:
+        if self.linear != (self.gene_likelihood == "gaussian"):
+            raise ValueError(
+                "linear=True (PCA as an autoencoder) goes with gene_likelihood='gaussian', and the Gaussian "
+                "likelihood only with linear=True."
+            )
+        if self.sparsity < 0 or self.contractive < 0:
+            raise ValueError("sparsity and contractive weights must be >= 0.")
+        if not 0.0 <= self.validation_mask_rate < 1.0:
+            raise ValueError(f"validation_mask_rate must be in [0, 1), got {self.validation_mask_rate}.")
 
 
-class AutoencoderModule(nn.Module):
+class AutoencoderModule(Module):
     """(Denoising) autoencoder with a count likelihood.
 
     Parameters
@@ -60,26 +99,24 @@ class AutoencoderModule(nn.Module):
         Number of genes ``G``.
     n_batch, n_cats_per_cov, n_continuous
         Batch and covariates, fed to the decoder (and to the encoder with ``encode_covariates``).
-    n_latent, n_hidden, n_layers, dropout_rate, use_batch_norm
-        Bottleneck width and the hidden MLPs of encoder and decoder.
-    gene_likelihood
-        ``"zinb"``, ``"nb"``, ``"poisson"`` on the counts, or ``"gaussian"`` (mean squared error on
-        the centred log-normalised input; the linear AE).
-    noise, noise_rate
-        Input corruption (:class:`sclatent.nn.noise.InputNoise`).
-    sparsity, contractive
-        Weights of the L1 penalty on the code and of the contractive penalty (per cell).
-    tied_weights
-        Decoder matrices are the transposes of the encoder's.
-    linear
-        PCA as an autoencoder: one linear map each way, no hidden layers.
-    encode_covariates
-        Feed batch and covariates to the encoder too.
-    validation_mask_rate
-        In evaluation, also report ``masked_nll``: the negative log-likelihood of a fixed random
-        fraction of each cell's nonzero counts, hidden from the input and predicted from the rest
-        (the imputation task; what :class:`sclatent.model.DenoisingAE` early-stops on). 0: off.
+    use_batch_norm
+        BatchNorm in the hidden MLPs of encoder and decoder (a module setting only: the model
+        class always uses it).
+    **hyperparameters
+        :class:`DenoisingAEHyperparameters`: ``n_latent``, ``n_hidden``, ``n_layers``,
+        ``dropout_rate``; ``gene_likelihood`` (``"zinb"``, ``"nb"``, ``"poisson"`` on the counts, or
+        ``"gaussian"``: mean squared error on the centred log-normalised input, the linear AE);
+        ``noise``, ``noise_rate`` (input corruption, :class:`sclatent.nn.noise.InputNoise`);
+        ``sparsity``, ``contractive`` (weights of the L1 penalty on the code and of the
+        contractive penalty, per cell); ``tied_weights``; ``linear`` (PCA as an autoencoder: one
+        linear map each way, no hidden layers); ``encode_covariates``; ``validation_mask_rate``
+        (in evaluation, also report ``masked_nll``: the negative log-likelihood of a fixed random
+        fraction of each cell's nonzero counts, hidden from the input and predicted from the rest;
+        the imputation task :class:`sclatent.model.DenoisingAE` early-stops on. 0: off).
     """
+
+    #: the plain objective; :meth:`sclatent.model.DenoisingAE.train` passes ``"masked_nll"`` itself
+    default_monitor = "reconstruction"
 
     def __init__(
         self,
@@ -87,38 +124,20 @@ class AutoencoderModule(nn.Module):
         n_batch: int = 1,
         n_cats_per_cov: list[int] = (),
         n_continuous: int = 0,
-        n_latent: int = 32,
-        n_hidden: int = 64,
-        n_layers: int = 1,
-        dropout_rate: float = 0.0,
         use_batch_norm: bool = True,
-        gene_likelihood: str = "zinb",
-        noise: str = "masking",
-        noise_rate: float = 0.1,
-        sparsity: float = 0.0,
-        contractive: float = 0.0,
-        tied_weights: bool = False,
-        linear: bool = False,
-        encode_covariates: bool = True,
-        validation_mask_rate: float = 0.1,
+        **hyperparameters: Any,
     ) -> None:
         super().__init__()
-        if gene_likelihood not in AUTOENCODER_LIKELIHOODS:
-            raise ValueError(f"gene_likelihood must be one of {AUTOENCODER_LIKELIHOODS}, got {gene_likelihood!r}.")
-        if linear != (gene_likelihood == "gaussian"):
-            raise ValueError(
-                "linear=True (PCA as an autoencoder) goes with gene_likelihood='gaussian', and the Gaussian "
-                "likelihood only with linear=True."
-            )
-        if sparsity < 0 or contractive < 0:
-            raise ValueError("sparsity and contractive weights must be >= 0.")
+        settings = DenoisingAEHyperparameters.from_dict(hyperparameters)
+        n_latent, n_hidden, n_layers = settings.n_latent, settings.n_hidden, settings.n_layers
+        dropout_rate, gene_likelihood, linear = settings.dropout_rate, settings.gene_likelihood, settings.linear
+        tied_weights, encode_covariates = settings.tied_weights, settings.encode_covariates
+        noise, noise_rate = settings.noise, settings.noise_rate
         self.n_genes, self.n_latent, self.n_batch = n_genes, n_latent, n_batch
         self.gene_likelihood, self.linear, self.tied_weights = gene_likelihood, linear, tied_weights
-        self.sparsity, self.contractive = float(sparsity), float(contractive)
+        self.sparsity, self.contractive = float(settings.sparsity), float(settings.contractive)
         self.encode_covariates = encode_covariates
-        if not 0.0 <= validation_mask_rate < 1.0:
-            raise ValueError(f"validation_mask_rate must be in [0, 1), got {validation_mask_rate}.")
-        self.validation_mask_rate = 0.0 if linear else float(validation_mask_rate)
+        self.validation_mask_rate = 0.0 if linear else float(settings.validation_mask_rate)
         self.noise = InputNoise(noise if not linear else "none", noise_rate if not linear else 0.0)
         # gene means of the log-normalised input, for centring the linear AE (set by the model class)
         self.register_buffer("input_mean", torch.zeros(n_genes))
@@ -233,8 +252,10 @@ class AutoencoderModule(nn.Module):
     # -------------------------------------------------------------------- objective
 
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
-        """Per-cell negative log-likelihood of the clean counts given the corrupted input, plus the
-        penalties (``extra``: ``l1``, ``contractive``). ``kl_weight`` is unused (no KL)."""
+        """Per-cell negative log-likelihood of the clean counts given the corrupted input
+        (``reconstruction``; for the linear AE half the squared error), plus the penalties (``l1``
+        with ``sparsity``, ``contractive`` in training with ``contractive``) and in evaluation
+        ``masked_nll`` (with ``validation_mask_rate``). No ELBO; ``kl_weight`` is unused (no KL)."""
         u = self.noise(self.normalised_input(batch))
         penalise_jacobian = self.contractive > 0 and self.training
         if penalise_jacobian:
@@ -259,15 +280,14 @@ class AutoencoderModule(nn.Module):
                 batch.nz_row_ptr,
             )
         total = reconstruction
-        extra = {}
+        terms = {"reconstruction": reconstruction}
         if self.sparsity > 0:
-            extra["l1"] = code.abs().sum(-1)
-            total = total + self.sparsity * extra["l1"]
+            terms["l1"] = code.abs().sum(-1)
+            total = total + self.sparsity * terms["l1"]
         if penalise_jacobian:
             # Hutchinson: E_v ||v^T J||^2 = ||J||_F^2 for v ~ N(0, I); one probe per cell
-            extra["contractive"] = contractive_penalty(code, u)
-            total = total + self.contractive * extra["contractive"]
+            terms["contractive"] = contractive_penalty(code, u)
+            total = total + self.contractive * terms["contractive"]
         if not self.training and self.validation_mask_rate > 0:
-            extra["masked_nll"] = self.masked_nll(batch)
-        zeros = torch.zeros_like(reconstruction)
-        return LossOutput(loss=total.mean(), reconstruction=reconstruction, kl=zeros, extra=extra)
+            terms["masked_nll"] = self.masked_nll(batch)
+        return LossOutput(loss=total.mean(), terms=terms)

@@ -10,118 +10,90 @@ For a minibatch of ``B`` cells::
 The embedding a user gets is ``h`` of the clean log-normalised cell; the projection head is
 discarded (SimCLR: the layer before the head keeps more information than the one the loss sees).
 
-:func:`nt_xent` and :class:`ProjectionHead` know nothing of cells: they take any ``(N, d)``
-pairs of views, so an image or another modality can reuse them.
+:func:`~sclatent.nn.contrastive.nt_xent` and :class:`~sclatent.nn.contrastive.ProjectionHead` know
+nothing of cells: they live in :mod:`sclatent.nn.contrastive`, shared with the image SimCLR.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..contracts import LossOutput, Module
 from ..data.loader import MiniBatch
+from ..hyperparameters import Hyperparameters, setting
 from ..nn import MLP
 from ..nn.augment import CountAugmentation, log_normalise
-from ._base import LossOutput
-
-# Seed of the fixed augmentations drawn in evaluation mode: the validation loss of an epoch is
-# then a deterministic function of the parameters and comparable across epochs.
-EVALUATION_SEED = 0
+from ..nn.contrastive import EVALUATION_SEED, ProjectionHead, nt_xent
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """Normalised-temperature cross entropy (SimCLR's NT-Xent) of ``N`` pairs of views.
+@dataclass(frozen=True)
+class ContrastiveHyperparameters(Hyperparameters):
+    """The contrastive model's hyperparameters, declared once: read by :class:`ContrastiveModule`,
+    :class:`sclatent.model.ContrastiveModel` and the ``fit-contrastive`` command."""
 
-    With ``z = normalise([z1; z2])`` (``2N`` unit vectors) and ``s_ij = z_i . z_j / temperature``,
-    anchor ``i``'s loss is ``-log(exp(s_{i,p(i)}) / sum_{k != i} exp(s_ik))``, ``p(i)`` its partner
-    (``i +- N``): a ``2N - 1``-way classification of the partner against every other view.
+    family: ClassVar[str] = "ContrastiveModel"
 
-    Parameters
-    ----------
-    z1, z2
-        ``(N, d)`` projections of the two views, row ``n`` of each from the same item.
-    temperature
-        ``tau > 0``; smaller sharpens the softmax onto the hardest negatives.
+    n_latent: int = setting(32, "Embedding width (the encoder's output).", minimum=1)
+    n_hidden: int = setting(128, "Width of the encoder MLP's hidden layers.", minimum=1)
+    n_layers: int = setting(2, "Hidden layers of the encoder MLP (Linear, BatchNorm, ReLU).", minimum=1)
+    dropout_rate: float = setting(0.0, "Dropout in the encoder MLP.")
+    n_projection: int = setting(32, "Output width of the projection head.", minimum=1)
+    n_projection_hidden: int = setting(128, "Hidden width of the projection head.", minimum=1)
+    temperature: float = setting(0.2, "NT-Xent temperature (> 0; SimCLR's range is 0.1-0.5).")
+    thinning_keep: float = setting(0.5, "Fraction of molecules each view keeps (binomial thinning; 1: off).")
+    mask_rate: float = setting(0.2, "Probability of zeroing each gene of a view (0: off).")
+    noise_std: float = setting(0.2, "Standard deviation of Gaussian noise on log1p normalised expression (0: off).")
+    mix_max_weight: float = setting(
+        0.5,
+        "Each view is (1 - w) the cell and w one of its kNN neighbours, w ~ U(0, this) (0: off, and no kNN table "
+        "is built).",
+    )
+    n_neighbors: int = setting(
+        15,
+        "k of the kNN table (PCA of log-normalised counts of the training cells; built at each train, not saved).",
+        minimum=1,
+        module=False,
+    )
 
-    Returns
-    -------
-    ``(2N,)`` per-anchor losses (nats): the views of ``z1`` first, then those of ``z2``. Averaging
-    entries ``n`` and ``n + N`` gives a per-item loss; the mean is SimCLR's objective.
-    """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(
-            f"the two views must be (N, d) of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}."
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=-1)
-    similarity = (z @ z.T) / temperature
-    # a view is never its own negative: drop the diagonal from the softmax
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    similarity = similarity.masked_fill(self_mask, float("-inf"))
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(similarity, partner, reduction="none")
-
-
-class ProjectionHead(nn.Module):
-    """SimCLR's projection ``g``: Linear -> BatchNorm -> ReLU -> Linear, ``(N, n_in) -> (N, n_out)``."""
-
-    def __init__(self, n_in: int, n_out: int = 32, n_hidden: int = 128) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(n_in, n_hidden), nn.BatchNorm1d(n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out)
-        )
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
 
 
-class ContrastiveModule(nn.Module):
+class ContrastiveModule(Module):
     """SimCLR on single-cell counts: count-aware views, an MLP encoder, a projection head, NT-Xent.
 
     Parameters
     ----------
     n_genes
         Number of genes ``G``.
-    n_latent
-        Width of the embedding ``h`` (the encoder's output).
-    n_hidden, n_layers, dropout_rate
-        Encoder MLP (Linear -> BatchNorm -> ReLU [-> Dropout]) before the linear embedding layer.
-    n_projection, n_projection_hidden
-        Output and hidden widths of the projection head.
-    temperature
-        NT-Xent temperature.
-    thinning_keep, mask_rate, noise_std, mix_max_weight
-        Augmentation strengths (:class:`sclatent.nn.augment.CountAugmentation`).
+    **hyperparameters
+        :class:`ContrastiveHyperparameters` that the module takes (``n_neighbors`` is the model's):
+        ``n_latent`` (width of the embedding ``h``, the encoder's output); ``n_hidden``,
+        ``n_layers``, ``dropout_rate`` (encoder MLP, Linear -> BatchNorm -> ReLU [-> Dropout],
+        before the linear embedding layer); ``n_projection``, ``n_projection_hidden`` (output and
+        hidden widths of the projection head); ``temperature`` (NT-Xent); ``thinning_keep``,
+        ``mask_rate``, ``noise_std``, ``mix_max_weight`` (augmentation strengths,
+        :class:`sclatent.nn.augment.CountAugmentation`).
     """
 
-    def __init__(
-        self,
-        n_genes: int,
-        n_latent: int = 32,
-        n_hidden: int = 128,
-        n_layers: int = 2,
-        dropout_rate: float = 0.0,
-        n_projection: int = 32,
-        n_projection_hidden: int = 128,
-        temperature: float = 0.2,
-        thinning_keep: float = 0.5,
-        mask_rate: float = 0.2,
-        noise_std: float = 0.2,
-        mix_max_weight: float = 0.5,
-    ) -> None:
+    default_monitor = "nt_xent"
+
+    def __init__(self, n_genes: int, **hyperparameters: Any) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if min(n_latent, n_hidden, n_layers, n_projection, n_projection_hidden) < 1:
-            raise ValueError("n_latent, n_hidden, n_layers, n_projection and n_projection_hidden must be >= 1.")
-        self.n_genes, self.n_latent, self.temperature = n_genes, n_latent, float(temperature)
-        self.augment = CountAugmentation(thinning_keep, mask_rate, noise_std, mix_max_weight)
-        self.encoder = MLP(n_genes, n_hidden, n_layers=n_layers, dropout_rate=dropout_rate)
+        settings = ContrastiveHyperparameters.from_dict(hyperparameters)
+        n_latent, n_hidden, n_layers = settings.n_latent, settings.n_hidden, settings.n_layers
+        self.n_genes, self.n_latent, self.temperature = n_genes, n_latent, float(settings.temperature)
+        self.augment = CountAugmentation(
+            settings.thinning_keep, settings.mask_rate, settings.noise_std, settings.mix_max_weight
+        )
+        self.encoder = MLP(n_genes, n_hidden, n_layers=n_layers, dropout_rate=settings.dropout_rate)
         self.embed = nn.Linear(n_hidden, n_latent)
-        self.projection = ProjectionHead(n_latent, n_projection, n_projection_hidden)
+        self.projection = ProjectionHead(n_latent, settings.n_projection, settings.n_projection_hidden)
 
     # -------------------------------------------------------------------- pieces
 
@@ -147,8 +119,8 @@ class ContrastiveModule(nn.Module):
     # -------------------------------------------------------------------- objective
 
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
-        """Per-cell NT-Xent (``reconstruction`` and ``extra["nt_xent"]``, nats; the mean over the
-        cell's two views as anchors). ``kl_weight`` is unused (no KL; ``kl`` is zeros).
+        """Per-cell NT-Xent (``nt_xent``, nats; the mean over the cell's two views as anchors). No
+        likelihood and no ELBO; ``kl_weight`` is unused (no KL).
 
         In evaluation mode the views come from a generator seeded with :data:`EVALUATION_SEED`, so
         the held-out loss is deterministic.
@@ -162,6 +134,4 @@ class ContrastiveModule(nn.Module):
         p1, p2 = self.projection(h).chunk(2)
         per_anchor = nt_xent(p1, p2, self.temperature)
         per_cell = 0.5 * (per_anchor[: batch.size] + per_anchor[batch.size :])
-        return LossOutput(
-            loss=per_cell.mean(), reconstruction=per_cell, kl=torch.zeros_like(per_cell), extra={"nt_xent": per_cell}
-        )
+        return LossOutput(loss=per_cell.mean(), terms={"nt_xent": per_cell})

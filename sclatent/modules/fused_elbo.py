@@ -1,4 +1,4 @@
-"""The count VAE's training objective and its gradient as one autograd node (CPU, float32).
+"""The count VAE's training objective and every gradient, computed by hand: the fast path (CPU, float32).
 
 Why: at scVI's architecture and batch 128 the step's arithmetic is three ``128 x 128 x 2G``
 matmuls, the likelihood kernel, a sparse first layer and Adam; through autograd it is also ~60
@@ -13,9 +13,16 @@ for every parameter, the same BatchNorm running statistics and the same random d
 then the reparameterisation noise, from torch's generator in the same order), equal to float32
 rounding (``tests/test_fused_elbo.py``). It covers the configuration of scVI and of the benchmark,
 which is also the model's default: normal prior and posterior, observed library size, gene-wise
-dispersion, ZINB or NB, one hidden layer in encoder and decoder, categorical covariates. Any
-other configuration, evaluation, no-grad calls, other devices and ``SCLATENT_FUSED=0`` take the
-autograd path of :meth:`VAEModule.loss`.
+dispersion, ZINB or NB, one hidden layer in encoder and decoder, categorical covariates. It reads
+the layers through their public description (:meth:`sclatent.nn.MLP.describe`).
+
+How it is used, in one place each: the trainer asks once per ``fit`` whether the pass applies
+(``VAEModule.supports_direct_gradients()`` -> :func:`applies`) and if so trains through
+``VAEModule.loss_and_gradients`` -> :func:`fused_loss_and_gradients` (gradients written straight
+into ``.grad``, no autograd graph). :meth:`VAEModule.loss` never takes this path: it is the
+autograd reference the pass is tested against. :func:`fused_loss` offers the same pass as one
+autograd node, for callers that need a differentiable loss (``benchmarks/profile_step.py``).
+Any other configuration, other devices, and ``SCLATENT_FUSED=0`` train through autograd.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ import torch
 from torch import nn
 
 from .. import _native
+from ..contracts import LossOutput
 from ..data.loader import MiniBatch
 from ..distributions import native_softmax_nb
-from ..nn.blocks import MLP, Dropout
-from ._base import LossOutput
+from ..nn.blocks import MLP
 
 
 @dataclass
@@ -83,29 +90,29 @@ class _Spec:
 
 
 def _layer(mlp: MLP, use_covariates: bool) -> _Layer | None:
-    """The one hidden layer of ``mlp`` if it has the shape the fused pass computes, else None."""
-    if len(mlp.layers) != 1:
+    """The one hidden layer of ``mlp`` if it has the shape the fused pass computes, else None
+    (read from the MLP's public description, :meth:`sclatent.nn.MLP.describe`)."""
+    layers = mlp.describe()
+    if len(layers) != 1:
         return None
-    layer, post = mlp.layers[0], list(mlp.post[0])
-    norm = post[0] if post else None
+    layer = layers[0]
+    norm = layer.norm
     if (
-        layer.continuous is not None
-        or not isinstance(norm, nn.BatchNorm1d)
+        layer.continuous_weight is not None
+        or layer.bias is None
+        or layer.activation != "relu"
+        or norm is None
         or not (norm.affine and norm.track_running_stats and norm.momentum is not None)
-        or len(post) not in (2, 3)
-        or not isinstance(post[1], nn.ReLU)
-        or (len(post) == 3 and not isinstance(post[2], Dropout))
         or (layer.embeddings and not use_covariates)
     ):
         return None
-    used = [i for i, use in enumerate(layer._use_cat) if use]
     return _Layer(
-        weight=layer.linear.weight,
-        bias=layer.linear.bias,
-        embeddings=[embedding.weight for embedding in layer.embeddings],
-        used_covariates=used,
+        weight=layer.weight,
+        bias=layer.bias,
+        embeddings=list(layer.embeddings),
+        used_covariates=list(layer.covariate_indices),
         norm=norm,
-        dropout=post[2].p if len(post) == 3 else 0.0,
+        dropout=layer.dropout,
     )
 
 
@@ -114,25 +121,41 @@ def _layer(mlp: MLP, use_covariates: bool) -> _Layer | None:
 _specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fused_spec(module, batch: MiniBatch) -> _Spec | None:
-    """What the fused objective needs from ``module`` (a :class:`VAEModule`), or None when this
-    call must take the autograd path (see the module docstring for when)."""
-    if not (module.training and torch.is_grad_enabled() and batch.size >= 2):
-        return None
-    if os.environ.get("SCLATENT_FUSED", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    if batch.continuous_covariates.shape[-1] or batch.nz_val.device.type != "cpu":
-        return None
+def _enabled() -> bool:
+    """``SCLATENT_FUSED=0`` turns the fused pass off (the autograd path then trains every configuration)."""
+    return os.environ.get("SCLATENT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cached_structure(module) -> _Spec | None:
     # keyed also by the parameters' identities: a layer replaced after the first call rebuilds it
     identities = tuple(map(id, module.parameters()))
     cached = _specs.get(module)
     if cached is None or cached[0] != identities:
         cached = _specs[module] = (identities, _structure(module))
-    spec = cached[1]
-    if spec is None or spec.out_weight.device.type != "cpu" or spec.out_weight.dtype != torch.float32:
+    return cached[1]
+
+
+def applies(module) -> bool:
+    """Whether the fused pass can train ``module`` (a :class:`VAEModule`) as it is now: its
+    configuration (see the module docstring), its parameters on the CPU in float32, the native
+    kernels available (:func:`sclatent._native.kernels`) and the pass not switched off
+    (``SCLATENT_FUSED=0``). The trainer asks once, through ``module.supports_direct_gradients()``."""
+    if not _enabled():
+        return False
+    spec = _cached_structure(module)
+    return spec is not None and spec.out_weight.device.type == "cpu" and spec.out_weight.dtype == torch.float32
+
+
+def fused_spec(module, batch: MiniBatch) -> _Spec | None:
+    """What the fused pass needs from ``module`` for this minibatch, or None when this call must take
+    the autograd path (the pass does not apply, evaluation or no-grad calls, fewer than two cells,
+    continuous covariates)."""
+    if not (module.training and torch.is_grad_enabled() and batch.size >= 2):
         return None
-    # (a module moved to another device or dtype moves every parameter; checking one is enough)
-    return spec
+    if batch.continuous_covariates.shape[-1] or batch.nz_val.device.type != "cpu" or not applies(module):
+        return None
+    # (a module moved to another device or dtype moves every parameter; applies() checked one)
+    return _cached_structure(module)
 
 
 def _structure(module) -> _Spec | None:
@@ -168,14 +191,14 @@ def _structure(module) -> _Spec | None:
     # all gradients, and one it did not know would keep a stale value
     if {id(p) for p in module.parameters()} != {id(p) for p in parameters}:
         return None
-    spec.kernel = _native.library()
+    spec.kernel = _native.kernels(parameters[0].device, parameters[0].dtype)
     return spec if spec.kernel is not None else None
 
 
 def fused_loss(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
     """Negative ELBO per cell, as :meth:`VAEModule.loss`, through the fused pass."""
     loss, reconstruction, kl = _FusedELBO.apply(spec, batch, float(kl_weight), *spec.parameters())
-    return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl)
+    return LossOutput.variational(loss, reconstruction, kl)
 
 
 def _gemm_pair(*products) -> bool:
@@ -198,7 +221,7 @@ def _gemm_pair(*products) -> bool:
     shape_array = (ctypes.c_int64 * 16)(*shape)
     alphas = (ctypes.c_float * 2)(*(float(p[5]) for p in products))
     betas = (ctypes.c_float * 2)(*(float(p[6]) for p in products))
-    _native.library().gemm_pair(
+    _native.kernels().gemm_pair(
         addresses[0],
         addresses[1],
         ctypes.addressof(shape_array),
@@ -492,7 +515,7 @@ def fused_loss_and_gradients(spec: _Spec, batch: MiniBatch, kl_weight: float) ->
             parameter.grad = grad
         else:
             parameter.grad.copy_(grad)
-    return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl)
+    return LossOutput.variational(loss, reconstruction, kl)
 
 
 class _FusedELBO(torch.autograd.Function):

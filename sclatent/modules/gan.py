@@ -28,11 +28,16 @@ distribution stored in the module (:attr:`GANModule.library_bank`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
+from ..contracts import AdversarialModule, LossOutput
 from ..data.loader import MiniBatch
-from ._base import LossOutput
+from ..hyperparameters import Hyperparameters, setting
+from ..nn.regularisers import gradient_penalty
 
 NORMALISED_TOTAL = 1e4
 
@@ -108,68 +113,54 @@ class Critic(nn.Module):
         return self.out(h).squeeze(-1) + (self.embedding(labels) * h).sum(-1)
 
 
-def gradient_penalty(
-    critic: nn.Module,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``(B,)`` WGAN-GP penalty ``(||grad_u D(u^, y)||_2 - 1)^2`` at ``u^ = a real + (1 - a) fake``.
+@dataclass(frozen=True)
+class CellGANHyperparameters(Hyperparameters):
+    """The cell GAN's hyperparameters, declared once: read by :class:`GANModule`,
+    :class:`sclatent.model.CellGAN` and the ``fit-gan`` command."""
 
-    ``a ~ U(0, 1)`` per item. The graph is kept (``create_graph``) so the penalty trains the critic.
-    The critic treats items independently, so the gradient of the summed scores gives every
-    item's own input gradient in one backward pass. Items may be vectors ``(B, G)`` or images
-    ``(B, *shape)``: the norm is over all of an item's entries. ``critic(u, labels)`` returns ``(B,)``.
-    """
-    alpha = torch.rand(real.shape[0], 1, generator=generator, device=real.device, dtype=real.dtype)
-    alpha = alpha.view(real.shape[0], *([1] * (real.dim() - 1)))
-    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-    scores = critic(mixed, labels)
-    (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
-    return (grad.flatten(1).norm(dim=-1) - 1.0) ** 2
+    family: ClassVar[str] = "CellGAN"
+
+    n_noise: int = setting(64, "Width of the generator's Gaussian noise.")
+    generator_hidden: tuple[int, ...] = setting((256, 512), "Hidden layer widths of the generator.")
+    critic_hidden: tuple[int, ...] = setting((256, 128), "Hidden layer widths of the critic.")
+    n_critic: int = setting(5, "Critic updates per generator update (each on its own minibatch).", minimum=1)
+    gradient_penalty_weight: float = setting(10.0, "WGAN-GP's lambda (10 in the paper).", minimum=0)
 
 
-class GANModule(nn.Module):
+class GANModule(AdversarialModule):
     """Conditional WGAN-GP on counts: generator and critic, trained by :func:`sclatent.train.fit`.
 
     Parameters
     ----------
     n_genes, n_labels
         Genes ``G`` and cell types (1: unconditional).
-    n_noise
-        Width of the generator's Gaussian noise.
-    generator_hidden, critic_hidden
-        Hidden layer widths.
-    n_critic
-        Critic updates per generator update (each on its own minibatch).
-    gradient_penalty_weight
-        ``lambda`` of WGAN-GP (10 in the paper).
     betas
-        Adam betas of both players (WGAN-GP: ``(0.5, 0.9)``).
+        Adam betas of both players (WGAN-GP: ``(0.5, 0.9)``; a module setting only, the model class
+        always uses the default).
+    **hyperparameters
+        :class:`CellGANHyperparameters`: ``n_noise`` (width of the generator's Gaussian noise),
+        ``generator_hidden`` and ``critic_hidden`` (hidden layer widths), ``n_critic`` (critic
+        updates per generator update, each on its own minibatch), ``gradient_penalty_weight``
+        (``lambda`` of WGAN-GP, 10 in the paper).
     """
+
+    #: no likelihood and no player's loss is "the" objective: the sum of the players' mean losses
+    default_monitor = "loss"
 
     def __init__(
         self,
         n_genes: int,
         n_labels: int = 1,
-        n_noise: int = 64,
-        generator_hidden: tuple[int, ...] = (256, 512),
-        critic_hidden: tuple[int, ...] = (256, 128),
-        n_critic: int = 5,
-        gradient_penalty_weight: float = 10.0,
         betas: tuple[float, float] = (0.5, 0.9),
+        **hyperparameters: Any,
     ) -> None:
         super().__init__()
-        if n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {n_critic}.")
-        if gradient_penalty_weight < 0:
-            raise ValueError(f"gradient_penalty_weight must be >= 0, got {gradient_penalty_weight}.")
-        self.n_genes, self.n_labels, self.n_noise = n_genes, n_labels, n_noise
-        self.n_critic, self.gradient_penalty_weight = int(n_critic), float(gradient_penalty_weight)
+        settings = CellGANHyperparameters.from_dict(hyperparameters)
+        self.n_genes, self.n_labels, self.n_noise = n_genes, n_labels, settings.n_noise
+        self.n_critic, self.gradient_penalty_weight = int(settings.n_critic), float(settings.gradient_penalty_weight)
         self.betas = tuple(betas)
-        self.generator = Generator(n_genes, n_labels, n_noise, tuple(generator_hidden))
-        self.critic = Critic(n_genes, n_labels, tuple(critic_hidden))
+        self.generator = Generator(n_genes, n_labels, settings.n_noise, tuple(settings.generator_hidden))
+        self.critic = Critic(n_genes, n_labels, tuple(settings.critic_hidden))
         # the empirical library sizes of the training cells, sorted by label, and each label's slice
         # (filled by set_library_bank; buffers, so they are saved with the weights)
         self.register_buffer("library_bank", torch.zeros(0))
@@ -252,28 +243,28 @@ class GANModule(nn.Module):
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0, group: str = "critic") -> LossOutput:
         """The objective of ``group`` (``"critic"`` or ``"generator"``) on one minibatch of real cells.
 
-        Synthetic cells are generated with the minibatch's labels and libraries. ``extra`` holds,
-        per cell: ``wasserstein`` (``D(real) - D(fake)``; its mean estimates the Wasserstein-1
-        distance the critic sees), and for the critic with gradients enabled ``gradient_penalty``.
-        ``reconstruction`` and ``kl`` are zeros (a GAN has no likelihood). ``kl_weight`` is ignored.
+        Synthetic cells are generated with the minibatch's labels and libraries. The critic's
+        ``terms`` hold, per cell: ``wasserstein`` (``D(real) - D(fake)``; its mean estimates the
+        Wasserstein-1 distance the critic sees) and, with gradients enabled, ``gradient_penalty``;
+        the generator's none (its loss is all there is). A GAN has no likelihood and no ELBO.
+        ``kl_weight`` is ignored.
         """
         if group not in ("critic", "generator"):
             raise ValueError(f"group must be 'critic' or 'generator', got {group!r}.")
         labels = batch.label_index
-        zeros = torch.zeros(batch.size, device=labels.device)
         if group == "critic":
             with torch.no_grad():
                 fake = log_normalise(self.sample_counts(labels, batch.library))
             real = log_normalise(batch.counts)
             real_score, fake_score = self.critic(real, labels), self.critic(fake, labels)
             wasserstein = real_score - fake_score
-            extra = {"wasserstein": wasserstein.detach()}
+            terms = {"wasserstein": wasserstein.detach()}
             loss = -wasserstein.mean()
             if torch.is_grad_enabled() and self.gradient_penalty_weight > 0:
                 penalty = gradient_penalty(self.critic, real, fake, labels)
-                extra["gradient_penalty"] = penalty.detach()
+                terms["gradient_penalty"] = penalty.detach()
                 loss = loss + self.gradient_penalty_weight * penalty.mean()
-            return LossOutput(loss=loss, reconstruction=zeros, kl=zeros, extra=extra)
+            return LossOutput(loss=loss, terms=terms)
         # the generator: make the critic score its cells as real
         fake_score = self.critic(log_normalise(self.sample_counts(labels, batch.library)), labels)
-        return LossOutput(loss=-fake_score.mean(), reconstruction=zeros, kl=zeros)
+        return LossOutput(loss=-fake_score.mean())

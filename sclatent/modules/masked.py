@@ -36,38 +36,30 @@ batch statistics would be re-estimated on the handful of labelled cells of a fin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+
 import torch
 from torch import nn
 
+from ..contracts import LossOutput, Module
 from ..data.loader import MiniBatch
-from ..distributions import GENE_LIKELIHOODS, log_prob
+from ..distributions import GeneLikelihood, log_prob
+from ..hyperparameters import Hyperparameters, setting
 from ..nn import MLP, CountDecoder
 from ..nn.blocks import Dropout
-from ._base import LossOutput
+from ..nn.masking import draw_feature_mask, n_masked_features
 
-MASKED_ENCODERS: tuple[str, ...] = ("mlp", "transformer")
+MaskedEncoder = Literal["mlp", "transformer"]
+MASKED_ENCODERS: tuple[str, ...] = get_args(MaskedEncoder)
 NORMALISED_TOTAL = 1e4
 # seed of the fixed mask of evaluation mode (validation loss): the same genes every epoch
 EVAL_MASK_SEED = 1234
 
 
-def n_masked_genes(n_genes: int, mask_rate: float) -> int:
-    """Genes hidden per cell: ``round(mask_rate * n_genes)``, at least 1 and at most ``n_genes - 1``."""
-    return int(min(n_genes - 1, max(1, round(mask_rate * n_genes))))
-
-
-def draw_gene_mask(
-    n_cells: int, n_genes: int, mask_rate: float, generator: torch.Generator | None = None, device=None
-) -> torch.Tensor:
-    """``(n_cells, n_genes)`` bool mask with exactly :func:`n_masked_genes` True entries per row.
-
-    Each row's hidden genes are a uniform random subset (the top-k of i.i.d. uniform scores), drawn
-    regardless of the counts: zeros are hidden as often as nonzeros.
-    """
-    k = n_masked_genes(n_genes, mask_rate)
-    scores = torch.rand(n_cells, n_genes, generator=generator, device=device)
-    mask = torch.zeros(n_cells, n_genes, dtype=torch.bool, device=scores.device)
-    return mask.scatter_(1, scores.topk(k, dim=1).indices, True)
+# the masks are generic (k of n features per row); the gene names are this module's public API
+n_masked_genes = n_masked_features
+draw_gene_mask = draw_feature_mask
 
 
 class TopGeneTransformer(nn.Module):
@@ -134,7 +126,49 @@ class TopGeneTransformer(nn.Module):
         return self.out(self.dropout(pooled))
 
 
-class MaskedGeneModule(nn.Module):
+@dataclass(frozen=True)
+class MaskedGeneModelHyperparameters(Hyperparameters):
+    """The masked-gene model's hyperparameters, declared once: read by :class:`MaskedGeneModule`,
+    :class:`sclatent.model.MaskedGeneModel` and the ``fit-masked`` command."""
+
+    family: ClassVar[str] = "MaskedGeneModel"
+
+    encoder: MaskedEncoder = setting(
+        "mlp",
+        "'mlp' (an MLP over the masked, log-normalised expression and the mask) or 'transformer' (tokens = the "
+        "cell's n_tokens top visible genes, each a learned gene embedding plus a value embedding; mean-pooled).",
+    )
+    n_latent: int = setting(32, "Width of the cell embedding.")
+    n_hidden: int = setting(128, "Hidden width of the MLP encoder and of the decoder.")
+    n_layers: int = setting(1, "Hidden layers of the MLP encoder and of the decoder.")
+    dropout_rate: float = setting(0.1, "Dropout in the encoder (MLP hidden layers; transformer: pooled embedding).")
+    gene_likelihood: GeneLikelihood = setting(
+        "nb",
+        "Distribution of the hidden counts ('nb' by default: UMI counts need no zero inflation, and it is one "
+        "head fewer).",
+    )
+    mask_rate: float = setting(
+        0.15, "Fraction of genes hidden per cell: exactly round(mask_rate * n_genes), drawn uniformly, zeros included."
+    )
+    n_tokens: int = setting(64, "Transformer encoder: tokens per cell (its highest visible genes).")
+    d_model: int = setting(64, "Transformer encoder: width of the tokens.")
+    n_heads: int = setting(4, "Transformer encoder: attention heads (must divide d_model).")
+    n_transformer_layers: int = setting(2, "Transformer encoder: layers.")
+    classifier: dict | None = setting(
+        None,
+        "The fine-tuned classifier head's labels_key and classes (written by fine_tune; None before).",
+        cli=False,
+        module=False,
+    )
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}.")
+        if self.encoder == "transformer" and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}).")
+
+
+class MaskedGeneModule(Module):
     """Masked-gene model: encoder, count decoder for the hidden genes, optional classifier head.
 
     Parameters
@@ -143,23 +177,20 @@ class MaskedGeneModule(nn.Module):
         Number of genes ``G``.
     n_batch, n_cats_per_cov, n_continuous
         Batch and covariates, fed to the decoder only (the embedding is left free of them).
-    encoder
-        ``"mlp"`` or ``"transformer"`` (see the module docstring).
-    n_latent
-        Width of the cell embedding ``z``.
-    n_hidden, n_layers
-        Hidden width and depth of the MLP encoder and of the decoder.
-    dropout_rate
-        Dropout in the encoder (MLP hidden layers; the transformer's pooled embedding).
-    gene_likelihood
-        ``"nb"``, ``"zinb"`` or ``"poisson"`` for the hidden counts.
-    mask_rate
-        Fraction of each cell's genes hidden (exactly :func:`n_masked_genes` per cell).
-    n_tokens, d_model, n_heads, n_transformer_layers
-        Transformer encoder settings.
     n_classes
         Size of the classifier head (0: none yet; see :meth:`set_classifier`).
+    **hyperparameters
+        :class:`MaskedGeneModelHyperparameters` that the module takes (``classifier`` is the
+        model's): ``encoder`` (``"mlp"`` or ``"transformer"``, see the module docstring),
+        ``n_latent`` (width of the cell embedding ``z``), ``n_hidden`` and ``n_layers`` (MLP
+        encoder and decoder), ``dropout_rate`` (encoder), ``gene_likelihood`` (``"nb"``, ``"zinb"``
+        or ``"poisson"`` for the hidden counts), ``mask_rate`` (exactly :func:`n_masked_genes`
+        genes hidden per cell), ``n_tokens``, ``d_model``, ``n_heads``, ``n_transformer_layers``
+        (transformer encoder).
     """
+
+    #: pretraining's objective: the held-out NLL of the hidden counts
+    default_monitor = "reconstruction"
 
     def __init__(
         self,
@@ -167,26 +198,16 @@ class MaskedGeneModule(nn.Module):
         n_batch: int = 1,
         n_cats_per_cov: list[int] = (),
         n_continuous: int = 0,
-        encoder: str = "mlp",
-        n_latent: int = 32,
-        n_hidden: int = 128,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        gene_likelihood: str = "nb",
-        mask_rate: float = 0.15,
-        n_tokens: int = 64,
-        d_model: int = 64,
-        n_heads: int = 4,
-        n_transformer_layers: int = 2,
         n_classes: int = 0,
+        **hyperparameters: Any,
     ) -> None:
         super().__init__()
-        if encoder not in MASKED_ENCODERS:
-            raise ValueError(f"encoder must be one of {MASKED_ENCODERS}, got {encoder!r}.")
-        if gene_likelihood not in GENE_LIKELIHOODS:
-            raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
-        if not 0.0 < mask_rate < 1.0:
-            raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
+        settings = MaskedGeneModelHyperparameters.from_dict(hyperparameters)
+        n_latent, n_hidden, n_layers = settings.n_latent, settings.n_hidden, settings.n_layers
+        encoder = settings.encoder
+        dropout_rate, gene_likelihood, mask_rate = settings.dropout_rate, settings.gene_likelihood, settings.mask_rate
+        n_tokens, d_model, n_heads = settings.n_tokens, settings.d_model, settings.n_heads
+        n_transformer_layers = settings.n_transformer_layers
         if n_genes < 2:
             raise ValueError("masked-gene pretraining needs at least two genes (one hidden, one visible).")
         self.n_genes, self.n_latent, self.encoder_kind = n_genes, n_latent, encoder
@@ -278,15 +299,15 @@ class MaskedGeneModule(nn.Module):
     # -------------------------------------------------------------------- objective
 
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
-        """Pretraining: per-cell NLL of the hidden counts (``reconstruction``). Fine-tuning
-        (``objective == "classify"``): per-cell cross-entropy (``reconstruction``) and, in ``extra``,
-        ``accuracy`` (0/1 per cell). ``kl_weight`` is unused (no KL term)."""
+        """Pretraining: per-cell NLL of the hidden counts (``reconstruction``, nats). Fine-tuning
+        (``objective == "classify"``): per-cell ``cross_entropy`` (nats) and ``accuracy`` (0/1 per
+        cell). No ELBO; ``kl_weight`` is unused (no KL term)."""
         if self.objective == "classify":
             hidden = self.draw_mask(batch) if self.training and self.mask_when_classifying else None
             logits = self.class_logits(batch.counts, hidden)
             labels = batch.label_index
             ce = nn.functional.cross_entropy(logits, labels, reduction="none")
             accuracy = (logits.argmax(-1) == labels).to(ce.dtype)
-            return LossOutput(loss=ce.mean(), reconstruction=ce, kl=torch.zeros_like(ce), extra={"accuracy": accuracy})
+            return LossOutput(loss=ce.mean(), terms={"cross_entropy": ce, "accuracy": accuracy})
         nll, _ = self.masked_nll(batch, self.draw_mask(batch))
-        return LossOutput(loss=nll.mean(), reconstruction=nll, kl=torch.zeros_like(nll))
+        return LossOutput(loss=nll.mean(), terms={"reconstruction": nll})

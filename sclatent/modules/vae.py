@@ -23,35 +23,72 @@ autoregressive flow conditioned on the cell (:class:`sclatent.nn.flows.IAFPoster
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..contracts import LossOutput, Module
 from ..data.loader import MiniBatch
-from ..distributions import GENE_LIKELIHOODS, count_log_likelihood, sample, softmax_count_log_likelihood
+from ..distributions import (
+    GeneLikelihood,
+    count_log_likelihood,
+    gaussian_kl,
+    gaussian_log_prob,
+    sample,
+    softmax_count_log_likelihood,
+)
+from ..hyperparameters import Hyperparameters, setting
 from ..nn import CountDecoder, GaussianEncoder, SparseRows
-from ._base import LossOutput
-from .fused_elbo import fused_loss, fused_loss_and_gradients, fused_spec
+from . import fused_elbo
 
-DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
-PRIORS = ("normal", "planar", "realnvp")
-POSTERIORS = ("normal", "iaf")
-
-
-def gaussian_kl(mean: torch.Tensor, var: torch.Tensor, prior_mean=0.0, prior_var=1.0) -> torch.Tensor:
-    """KL(N(mean, var) || N(prior_mean, prior_var)) summed over the last dimension, ``(B,)``."""
-    prior_var = torch.as_tensor(prior_var, dtype=var.dtype, device=var.device)
-    return 0.5 * (torch.log(prior_var / var) + (var + (mean - prior_mean) ** 2) / prior_var - 1.0).sum(-1)
+Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
+Prior = Literal["normal", "planar", "realnvp"]
+Posterior = Literal["normal", "iaf"]
+DISPERSIONS, PRIORS, POSTERIORS = get_args(Dispersion), get_args(Prior), get_args(Posterior)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean, var) -> torch.Tensor:
-    """log N(x | mean, var) summed over the last dimension."""
-    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
-    return (-0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var)).sum(-1)
+@dataclass(frozen=True)
+class VAEHyperparameters(Hyperparameters):
+    """The count VAE's hyperparameters, declared once: read by :class:`VAEModule`,
+    :class:`sclatent.model.VAE` and the ``fit-vae`` / ``fit-flow`` commands."""
+
+    family: ClassVar[str] = "VAE"
+
+    n_latent: int = setting(10, "Latent dimension.", minimum=1)
+    n_hidden: int = setting(128, "Width of the hidden layers of encoder and decoder.", minimum=1)
+    n_layers: int = setting(1, "Hidden layers of encoder and decoder.", minimum=1)
+    dropout_rate: float = setting(0.1, "Dropout probability in the encoder.", minimum=0.0, maximum=0.99)
+    dispersion: Dispersion = setting(
+        "gene", "Inverse-dispersion sharing: per gene, per gene and batch, per gene and label, or per cell."
+    )
+    gene_likelihood: GeneLikelihood = setting("zinb", "Count distribution of each gene.")
+    use_observed_library: bool = setting(
+        True, "Use the observed log total counts as library size rather than a latent log-normal one."
+    )
+    encode_covariates: bool = setting(True, "Condition the encoder on batch and covariates (the decoder always is).")
+    inject_covariates: bool = setting(True, "Feed covariates into every hidden layer, not only the first.")
+    prior: Prior = setting(
+        "normal", "Prior of z: N(0, I) or a learned normalizing flow (planar layers or affine couplings)."
+    )
+    n_flows: int = setting(8, "Layers of a flow prior.")
+    flow_hidden: int = setting(64, "Hidden width of each RealNVP coupling's conditioner.", minimum=1)
+    posterior: Posterior = setting(
+        "normal", "Posterior of z: the Gaussian encoder, or its sample pushed through an inverse autoregressive flow."
+    )
+    n_posterior_flows: int = setting(4, "IAF layers of an IAF posterior.")
+    posterior_flow_hidden: int = setting(64, "Hidden width of each IAF layer's autoregressive network.", minimum=1)
+
+    def validate(self) -> None:
+        if self.prior != "normal" and self.n_flows < 1:
+            raise ValueError(f"n_flows must be >= 1 for a flow prior, got {self.n_flows}.")
+        if self.posterior != "normal" and self.n_posterior_flows < 1:
+            raise ValueError(f"n_posterior_flows must be >= 1 for an IAF posterior, got {self.n_posterior_flows}.")
 
 
-class VAEModule(nn.Module):
+class VAEModule(Module):
     """scVI-style variational autoencoder for counts.
 
     Parameters
@@ -64,31 +101,13 @@ class VAEModule(nn.Module):
         Category counts of extra categorical covariates.
     n_continuous
         Number of continuous covariates.
-    n_latent, n_hidden, n_layers, dropout_rate
-        Architecture of encoder and decoder.
-    dispersion
-        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``.
-    gene_likelihood
-        ``"zinb"``, ``"nb"`` or ``"poisson"``.
-    use_observed_library
-        Library size observed (log total counts) rather than latent.
     library_log_means, library_log_vars
-        ``(n_batch,)`` prior of the latent log library per batch.
-    encode_covariates
-        Feed batch and covariates to the encoder (they always go to the decoder).
-    inject_covariates
-        Feed covariates into every hidden layer, not only the first.
-    prior
-        ``"normal"`` (``N(0, I)``, analytic KL), ``"planar"`` or ``"realnvp"`` (a learned flow
-        prior, Monte Carlo KL).
-    n_flows, flow_hidden
-        Flow layers and the hidden width of each RealNVP conditioner (ignored for ``"normal"``).
-    posterior
-        ``"normal"`` (the Gaussian encoder) or ``"iaf"`` (its sample pushed through an IAF
-        conditioned on ``[m(x), log v(x)]``; Monte Carlo KL).
-    n_posterior_flows, posterior_flow_hidden
-        IAF layers and the hidden width of each layer's MADE (ignored for ``"normal"``).
+        ``(n_batch,)`` prior of the latent log library per batch (``use_observed_library=False``).
+    **hyperparameters
+        :class:`VAEHyperparameters` (``n_latent``, ``gene_likelihood``, ``prior``, ...).
     """
+
+    default_monitor = "elbo"
 
     def __init__(
         self,
@@ -97,33 +116,16 @@ class VAEModule(nn.Module):
         n_labels: int = 1,
         n_cats_per_cov: list[int] = (),
         n_continuous: int = 0,
-        n_latent: int = 10,
-        n_hidden: int = 128,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: str = "gene",
-        gene_likelihood: str = "zinb",
-        use_observed_library: bool = True,
         library_log_means: np.ndarray | None = None,
         library_log_vars: np.ndarray | None = None,
-        encode_covariates: bool = True,
-        inject_covariates: bool = True,
-        prior: str = "normal",
-        n_flows: int = 8,
-        flow_hidden: int = 64,
-        posterior: str = "normal",
-        n_posterior_flows: int = 4,
-        posterior_flow_hidden: int = 64,
+        **hyperparameters: Any,
     ) -> None:
         super().__init__()
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}.")
-        if posterior not in POSTERIORS:
-            raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}.")
-        if dispersion not in DISPERSIONS:
-            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}.")
-        if gene_likelihood not in GENE_LIKELIHOODS:
-            raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}, got {gene_likelihood!r}.")
+        settings = VAEHyperparameters.from_dict(hyperparameters)
+        n_latent, n_hidden, n_layers = settings.n_latent, settings.n_hidden, settings.n_layers
+        dropout_rate, dispersion, gene_likelihood = settings.dropout_rate, settings.dispersion, settings.gene_likelihood
+        use_observed_library, encode_covariates = settings.use_observed_library, settings.encode_covariates
+        inject_covariates, prior, posterior = settings.inject_covariates, settings.prior, settings.posterior
         self.n_genes, self.n_batch, self.n_labels, self.n_latent = n_genes, n_batch, n_labels, n_latent
         self.dispersion, self.gene_likelihood = dispersion, gene_likelihood
         self.use_observed_library = use_observed_library
@@ -160,14 +162,16 @@ class VAEModule(nn.Module):
             # imported here: pyro (the flows' layers) costs import time the normal prior does not need
             from ..nn.flows import FlowPrior
 
-            self.prior_flow = FlowPrior(n_latent, prior, n_flows, flow_hidden)
+            self.prior_flow = FlowPrior(n_latent, prior, settings.n_flows, settings.flow_hidden)
         # after everything else, for the same reason
         self.posterior = posterior
         self.posterior_flow = None
         if posterior != "normal":
             from ..nn.flows import IAFPosterior
 
-            self.posterior_flow = IAFPosterior(n_latent, 2 * n_latent, n_posterior_flows, posterior_flow_hidden)
+            self.posterior_flow = IAFPosterior(
+                n_latent, 2 * n_latent, settings.n_posterior_flows, settings.posterior_flow_hidden
+            )
 
     # -------------------------------------------------------------------- pieces
 
@@ -317,14 +321,8 @@ class VAEModule(nn.Module):
     # -------------------------------------------------------------------- objectives
 
     def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
-        """Negative ELBO per cell, with the KL of z scaled by ``kl_weight`` in ``loss``.
-
-        Training steps of the default configuration on CPU run through the fused objective of
-        :mod:`sclatent.modules.fused_elbo` (same values and gradients, about a third faster).
-        """
-        spec = fused_spec(self, batch)
-        if spec is not None:
-            return fused_loss(spec, batch, kl_weight)
+        """Negative ELBO per cell, with the KL of z scaled by ``kl_weight`` in ``loss``: the autograd
+        reference (the fused pass of :meth:`loss_and_gradients` is tested equal to it)."""
         inf = self.inference(batch)
         heads = self._decode(inf["z"], batch)
         reconstruction = -softmax_count_log_likelihood(
@@ -350,16 +348,29 @@ class VAEModule(nn.Module):
                 inf["ql_mean"], inf["ql_var"], self.library_log_means[index, None], self.library_log_vars[index, None]
             )
         loss = torch.mean(reconstruction + kl_weight * kl_z + kl_l)
-        return LossOutput(loss=loss, reconstruction=reconstruction, kl=kl_z + kl_l)
+        return LossOutput.variational(loss, reconstruction, kl_z + kl_l)
 
-    def loss_and_gradients(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput | None:
-        """:meth:`loss` with the gradient of its ``loss`` already in every parameter's ``.grad``
-        (replacing what was there, as ``zero_grad()`` then ``loss.backward()`` would), computed
-        without autograd, when the fused pass of :mod:`sclatent.modules.fused_elbo` applies;
-        None otherwise, and the caller differentiates :meth:`loss` itself. The trainer's fast path.
+    def supports_direct_gradients(self) -> bool:
+        """Whether the fused pass (:mod:`sclatent.modules.fused_elbo`) can train this configuration
+        on its device: scVI's configuration on the CPU in float32 with the native kernels."""
+        return fused_elbo.applies(self)
+
+    def loss_and_gradients(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
+        """:meth:`loss` with the gradient of its ``loss`` in every parameter's ``.grad`` (replacing
+        what was there), computed by the fused pass without autograd: the trainer's fast path.
+
+        A minibatch the pass cannot take (one cell, continuous covariates) is differentiated
+        through :meth:`loss` by autograd instead, with the same result.
         """
-        spec = fused_spec(self, batch)
-        return None if spec is None else fused_loss_and_gradients(spec, batch, kl_weight)
+        spec = fused_elbo.fused_spec(self, batch)
+        if spec is not None:
+            return fused_elbo.fused_loss_and_gradients(spec, batch, kl_weight)
+        out = self.loss(batch, kl_weight=kl_weight)
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.zero_()
+        out.loss.backward()
+        return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}, out.elbo_terms)
 
     @torch.no_grad()
     def marginal_log_likelihood(
