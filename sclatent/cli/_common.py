@@ -1,17 +1,152 @@
-"""What the ``fit-*`` commands share: input loading, output paths, the clustering summary, arguments."""
+"""The one run every ``fit-<family>`` command makes, and the pieces it is built from.
+
+A command is a :class:`CellCommand`: its name, its model class (whose ``hyperparameters_class``
+gives the options, :mod:`sclatent.hyperparameters`) and a few family hooks (extra options, what
+to do after training, the family's summary lines). :func:`run` then does what every command does:
+read the input (or the embedded PBMCs), ``setup_anndata``, build and train the model, write the
+embedding, neighbours/UMAP/Leiden, the model folder, figures and ``OUT.h5ad``, and print a summary
+with Leiden ARI/NMI beside scanpy's PCA.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import distributed
 from ..metrics.baselines import pca_embedding
 
 
+@dataclass
+class Run:
+    """One command's run, as the family hooks see it.
+
+    Attributes
+    ----------
+    args
+        The parsed command line.
+    adata, labels_key
+        The input AnnData (annotated in place) and its labels column (or None).
+    model
+        The trained model.
+    summary
+        What the run measured (returned by :func:`run`; the family hooks add to it).
+    train_seconds
+        Wall time of ``model.train``.
+    outputs
+        What ``OUT.h5ad`` holds besides the embedding, UMAP and clusters (e.g. ``"layers['sclatent_denoised']"``).
+    written
+        Further files written, one line each.
+    """
+
+    args: argparse.Namespace
+    adata: Any
+    labels_key: str | None
+    model: Any = None
+    summary: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CellCommand:
+    """A ``fit-<family>`` command: what differs from the shared :func:`run`.
+
+    Attributes
+    ----------
+    name, help, description
+        ``sclatent <name>`` and its ``--help`` texts.
+    family
+        Suffix of ``obsm["X_sclatent_<family>"]`` and ``obs["leiden_sclatent_<family>"]``.
+    model
+        The model class; one option per field of its ``hyperparameters_class``.
+    max_epochs, max_epochs_help
+        Default of ``--max-epochs`` (None: the model's own default) and its help.
+    hyperparameter_defaults
+        This command's defaults for some hyperparameters (``fit-flow``: ``prior="realnvp"``).
+    option_defaults
+        This command's defaults for shared options (``fit-contrastive``: ``batch_size=256``).
+    add_arguments
+        Adds the family's own options (beyond the hyperparameters).
+    train_options
+        ``model.train`` keyword arguments from the command line (e.g. early stopping).
+    after_training
+        Adds the family's outputs to the AnnData and the summary before clustering (e.g. imputation).
+    after_writing
+        Writes further files after ``OUT.h5ad`` (e.g. synthetic cells).
+    report
+        The family's summary lines (training, held-out metrics), printed after the data line.
+    """
+
+    name: str
+    help: str
+    description: str
+    family: str
+    model: type
+    max_epochs: int | None = None
+    max_epochs_help: str = "default: scales with the number of cells"
+    hyperparameter_defaults: dict[str, Any] = field(default_factory=dict)
+    option_defaults: dict[str, Any] = field(default_factory=dict)
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    train_options: Callable[[argparse.Namespace], dict] = lambda args: {}
+    after_training: Callable[[Run], None] | None = None
+    after_writing: Callable[[Run], None] | None = None
+    report: Callable[[Run], list[str]] = lambda run: []
+
+    def register(self, commands: argparse._SubParsersAction) -> None:
+        """Add this command's subparser: shared options, hyperparameters, family options."""
+        parser = commands.add_parser(self.name, help=self.help, description=self.description)
+        add_common_arguments(parser)
+        parser.add_argument("--max-epochs", type=int, default=self.max_epochs, help=self.max_epochs_help)
+        self.model.hyperparameters_class.add_arguments(parser, self.hyperparameter_defaults)
+        if self.add_arguments is not None:
+            self.add_arguments(parser)
+        parser.set_defaults(func=lambda args: run(args, self), **self.option_defaults)
+
+
+def run(args: argparse.Namespace, command: CellCommand) -> dict:
+    """Train ``command``'s model on the input and write every output; the summary."""
+    start = time.perf_counter()
+    adata, labels_key = load_input(args, command.name)
+    setup_from_arguments(command.model, adata, labels_key, args)
+    # (validated by the model, which may resolve some first: fit-dae --linear implies the Gaussian likelihood)
+    hyperparameters = command.model.hyperparameters_class.argument_values(args)
+    model = command.model(adata, seed=args.seed, **hyperparameters)
+    current = Run(args, adata, labels_key, model)
+    current.train_seconds = timed_training(model, args, **command.train_options(args))
+    key, leiden_key = f"X_sclatent_{command.family}", f"leiden_sclatent_{command.family}"
+    adata.obsm[key] = model.get_latent_representation()
+    current.summary = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": len(model.history["epoch"])}
+    current.summary["train_seconds"] = current.train_seconds
+    if command.after_training is not None:
+        command.after_training(current)
+    out, model_dir, umap_png, curves_png = cluster_and_write(adata, model, command.family, labels_key, args)
+    if command.after_writing is not None:
+        command.after_writing(current)
+    current.summary.update(clustering_summary(adata, leiden_key, labels_key, args))
+    current.summary["total_seconds"] = time.perf_counter() - start
+
+    print("\nSummary")
+    print(f"  data            {adata.n_obs} cells x {adata.n_vars} genes")
+    for line in command.report(current):
+        print(line)
+    print_clustering(current.summary, labels_key)
+    outputs = ", ".join([f"obsm['{key}']", *current.outputs, "obsm['X_umap']", f"obs['{leiden_key}']"])
+    print(f"  wrote           {out} ({outputs})")
+    for line in current.written:
+        print(f"                  {line}")
+    print(f"                  {model_dir}/ (model), {umap_png}, {curves_png}")
+    print(f"  total time      {current.summary['total_seconds']:.1f} s")
+    return current.summary
+
+
 def load_input(args: argparse.Namespace, command: str):
-    """The input AnnData (or the embedded default), its labels key and a description."""
+    """The input AnnData (or the embedded default) and its labels key."""
     import scanpy as sc
 
     from .. import datasets
@@ -140,3 +275,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="save a checkpoint here after every epoch; rerunning the same command resumes from it",
     )
+
+
+def heldout_line(label: str, text: str) -> str:
+    """A summary line with the label padded like the others."""
+    return f"  {label:<15} {text}"
