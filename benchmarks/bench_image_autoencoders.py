@@ -24,7 +24,7 @@ Protocol (one seed; intensities in [0, 1]; errors are squared error per pixel on
   the baseline.
 - Masked AE (:class:`sclatent.images.MaskedImageAutoencoder`): 4x4 patches, 75 % hidden, conv
   encoder, 64-d representation, ``MAE_EPOCHS`` epochs. Row: linear-probe accuracy
-  (:func:`sclatent.metrics.images.linear_probe_accuracy`: standardised features, multinomial
+  (:func:`sclatent.images.metrics.linear_probe_accuracy`: standardised features, multinomial
   logistic regression fitted on the 60,000 training labels) on the test set, beside PCA-64 and the
   raw pixels with the same probe. Literature: He et al. (2022), *Masked Autoencoders Are Scalable
   Vision Learners*, report ImageNet only (ViT encoders, 800-1600 epochs), no MNIST number; the
@@ -108,7 +108,7 @@ def run(quick: bool = False, seed: int = 0, data_dir=None) -> list[dict]:
     from sklearn.decomposition import PCA
 
     from sclatent.images import ImageAutoencoder, MaskedImageAutoencoder
-    from sclatent.metrics.images import linear_probe_accuracy
+    from sclatent.images.metrics import linear_probe_accuracy
 
     gpu = torch.cuda.is_available() and not quick
     factor = GPU_FACTOR if gpu else 1

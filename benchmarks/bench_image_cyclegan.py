@@ -44,7 +44,7 @@ from sclatent.datasets import domain_transform, mnist, unpaired_domains
 from sclatent.datasets._domains import thicken, thin
 from sclatent.images import CycleGAN, evaluate_translation
 from sclatent.images.cyclegan import domain_classifier
-from sclatent.metrics.images import frechet_distance
+from sclatent.images.metrics import frechet_distance
 
 KIND = "thicken"
 N_TRAIN = 20000  # images split into the two domains (10,000 each)

@@ -11,7 +11,7 @@ Protocol (seeded; one row per label budget):
   :class:`sclatent.images.ImageVAE` (Bernoulli, dynamic binarisation, 2 x 200 MLP, 64-d latent, its
   posterior means) trained on the same images, and the SimCLR encoder at its random initialisation
   (same architecture, untrained: what the architecture alone gives).
-* Probe: :func:`sclatent.metrics.images.linear_probe_accuracy` (standardised features, multinomial
+* Probe: :func:`sclatent.images.metrics.linear_probe_accuracy` (standardised features, multinomial
   logistic regression) fitted on the labels of (a) all ``N_TRAIN`` training images and (b) 100
   per class of them (1,000 labels), scored on all 10,000 MNIST test images.
 
@@ -79,7 +79,7 @@ def run(quick: bool = False, seed: int = 0, data_dir=None) -> list[dict]:
     from sklearn.decomposition import PCA
 
     from sclatent.images import SimCLR
-    from sclatent.metrics.images import labels_per_class, linear_probe_accuracy
+    from sclatent.images.metrics import labels_per_class, linear_probe_accuracy
 
     train, test = _load(quick, seed, data_dir)
     epochs = QUICK["epochs"] if quick else EPOCHS

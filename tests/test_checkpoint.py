@@ -425,7 +425,7 @@ def test_fit_vae_writes_a_checkpoint_and_resumes_from_it(tmp_path, capsys, monke
         model.save(model_dir, overwrite=True)
         return out, model_dir, umap_png, curves_png
 
-    monkeypatch.setattr("sclatent.cli.vae.cluster_and_write", write_model_only)
+    monkeypatch.setattr("sclatent.cli._common.cluster_and_write", write_model_only)
     adata = synthetic(n_cells=80, n_genes=30, n_clusters=2, n_batches=1, seed=0)
     del adata.layers["true_mean"]
     source = tmp_path / "in.h5ad"

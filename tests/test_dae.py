@@ -712,7 +712,7 @@ def test_hutchinson_estimate_matches_the_jacobian(penalty_models):
     module.train()
     try:
         torch.manual_seed(0)
-        estimates = torch.stack([module.loss(batch).extra["contractive"].detach() for _ in range(20)]).mean()
+        estimates = torch.stack([module.loss(batch).terms["contractive"].detach() for _ in range(20)]).mean()
         u = module.normalised_input(batch)
         # BatchNorm couples the cells in training mode; its cross-cell terms are O(1 / batch size)
         jac = jacobian(lambda inp: module.encode(inp, batch), u)  # (B, k, B, G)

@@ -21,11 +21,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from sclatent import distributed
+from sclatent.contracts import LossOutput, Module
 from sclatent.data import CellData, get_registry
 from sclatent.data.neighbours import NeighbourData
 from sclatent.datasets import synthetic
 from sclatent.model import VAE, CellGAN
-from sclatent.modules._base import LossOutput
 from sclatent.optim import FlatAdam
 from sclatent.train import TrainingPlan, fit
 
@@ -72,7 +72,7 @@ def _train_vae(batch_size: int, seed: int = 0) -> VAE:
     return model
 
 
-class _Toy(torch.nn.Module):
+class _Toy(Module):
     """A deterministic module (no dropout, sampling or BatchNorm): a linear map of log counts,
     squared error per cell. Its gradient on a minibatch is a plain function of the cells."""
 
@@ -83,7 +83,7 @@ class _Toy(torch.nn.Module):
     def loss(self, batch, kl_weight: float = 1.0) -> LossOutput:
         x = torch.log1p(batch.counts)
         per_cell = ((self.linear(x) - x.flip(-1)) ** 2).sum(-1)
-        return LossOutput(loss=per_cell.mean(), reconstruction=per_cell, kl=torch.zeros_like(per_cell))
+        return LossOutput(loss=per_cell.mean(), terms={"squared_error": per_cell})
 
 
 def _toy_gradients(context: distributed.DistributedContext | None) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -160,10 +160,14 @@ def _worker(out_dir: Path) -> None:
         return iterate(self, cells, batch_size, *args, batch_sizes=batch_sizes, **kwargs)
 
     CellData.iterate = recording_iterate
+    calls.update(ddp=0, all_reduce=0)
+    DistributedDataParallel.forward, distributed.DistributedContext.sum_gradients_ = counting_forward, counting_sum
     try:
         model = _train_vae(BATCH_SIZE)
     finally:
         CellData.iterate = iterate
+        DistributedDataParallel.forward, distributed.DistributedContext.sum_gradients_ = ddp_forward, sum_gradients
+    record["vae_calls"] = dict(calls)
     record["epochs"] = epochs
     record["train_indices"] = model.train_indices.tolist()
     record["history"] = json.dumps(model.history)  # exact floats, compared as text
@@ -308,12 +312,16 @@ def test_gradients_equal_the_global_minibatch_gradient(two_rank_run):
 
 
 def test_one_objective_path_uses_ddp_and_adversarial_the_flat_all_reduce(two_rank_run):
-    """The toy (one objective) steps through DDP's forward once per step and never calls the flat
-    all-reduce; the GAN (frozen parameter groups) does the opposite. The toy's DDP-reduced gradients,
-    read from FlatAdam's flat gradient, are the global minibatch's (test above)."""
+    """The toy (one objective, autograd) steps through DDP's forward once per step and never calls the
+    flat all-reduce; the GAN (frozen parameter groups) and the VAE's direct-gradient pass do the
+    opposite. The toy's DDP-reduced gradients, read from FlatAdam's flat gradient, are the global
+    minibatch's (test above)."""
     for record in two_rank_run:
         assert record["toy_calls"] == {"ddp": len(record["toy_gradients"]), "all_reduce": 0}
         assert record["gan_calls"]["ddp"] == 0 and record["gan_calls"]["all_reduce"] > 0
+        # the VAE's direct-gradient (fused) pass has no autograd graph for DDP: one flat all-reduce per step
+        steps = sum(len(epoch) > 0 for epoch in record["epochs"])
+        assert record["vae_calls"]["ddp"] == 0 and record["vae_calls"]["all_reduce"] >= steps
     # unused parameters (Poisson VAE's dispersion) are handled: both epochs ran, ranks agree
     first, second = [json.loads(record["poisson_history"]) for record in two_rank_run]
     del first["seconds"], second["seconds"]

@@ -7,6 +7,7 @@ errors and the ``fit-flow`` command are checked on small models.
 
 from __future__ import annotations
 
+import json
 import math
 
 import anndata as ad
@@ -350,12 +351,19 @@ def test_iaf_save_load_round_trip(clusters, trained_iaf, tmp_path):
 
 
 def test_old_models_load_with_normal_posterior(clusters, trained, tmp_path):
-    """A normal-posterior model stores no posterior keys (its metadata is as before the IAF), and such
-    metadata loads as ``posterior="normal"``."""
+    """Metadata written before the IAF existed (no posterior keys) loads as ``posterior="normal"``.
+
+    (Every hyperparameter is saved now, declared once in ``VAEHyperparameters``; the old files are
+    made here by deleting the posterior keys from a saved model's metadata.)"""
     model = trained["normal"]
-    assert "posterior" not in model.hyperparameters and model.module.posterior_flow is None
+    assert model.hyperparameters["posterior"] == "normal" and model.module.posterior_flow is None
     assert not any(k.startswith("posterior_flow") for k in model.module.state_dict())
     model.save(tmp_path / "old")
+    path = tmp_path / "old" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    for key in ("posterior", "n_posterior_flows", "posterior_flow_hidden"):
+        del metadata["hyperparameters"][key]
+    path.write_text(json.dumps(metadata))
     loaded = VAE.load(tmp_path / "old", clusters)
     assert loaded.module.posterior == "normal" and loaded.module.posterior_flow is None
     np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())

@@ -1,9 +1,9 @@
 """The fused training objective of the count VAE (sclatent.modules.fused_elbo) against autograd.
 
 The fused pass claims to be the module's own objective: the same loss, per-cell terms, gradient of
-every parameter, BatchNorm running statistics and random draws as :meth:`VAEModule.loss` through
-autograd (``SCLATENT_FUSED=0``). Each test builds two identical modules, seeds torch's generator
-identically before each call and compares the two paths.
+every parameter, BatchNorm running statistics and random draws as :meth:`VAEModule.loss`, the
+autograd reference. Each test builds two identical modules, seeds torch's generator identically
+before each call and compares the two paths.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sclatent
 from sclatent import _native
 from sclatent.data import CellData, setup_anndata
 from sclatent.modules import VAEModule
-from sclatent.modules.fused_elbo import fused_spec
+from sclatent.modules.fused_elbo import applies, fused_loss, fused_spec
 
 pytestmark = pytest.mark.skipif(_native.library() is None, reason=f"no native kernels: {_native.native_status()}")
 
@@ -63,8 +63,11 @@ def _module(seed: int = 0, **options) -> VAEModule:
 
 
 def _loss(module, batch, fused: bool, monkeypatch, kl_weight: float = 0.4):
-    monkeypatch.setenv("SCLATENT_FUSED", "1" if fused else "0")
+    """The fused pass as one autograd node, or the autograd reference ``module.loss``."""
+    monkeypatch.setenv("SCLATENT_FUSED", "1")
     torch.manual_seed(123)  # the dropout seed and the reparameterisation noise
+    if fused:
+        return fused_loss(fused_spec(module, batch), batch, kl_weight)
     return module.loss(batch, kl_weight=kl_weight)
 
 
@@ -101,8 +104,9 @@ def test_fused_loss_gradients_and_running_statistics_equal_autograd(data, option
     fused = _loss(fused_module, batch, True, monkeypatch)
     reference = _loss(reference_module, batch, False, monkeypatch)
     torch.testing.assert_close(fused.loss, reference.loss, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(fused.reconstruction, reference.reconstruction, rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(fused.kl, reference.kl, rtol=1e-5, atol=1e-5)
+    rec, kl = "reconstruction", "kl"
+    torch.testing.assert_close(fused.terms[rec], reference.terms[rec], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(fused.terms[kl], reference.terms[kl], rtol=1e-5, atol=1e-5)
     fused.loss.backward()
     reference.loss.backward()
     _assert_same_gradients(fused_module, reference_module)
@@ -118,7 +122,8 @@ def test_fused_gradient_of_per_cell_terms_equals_autograd(data, monkeypatch):
     modules = {True: _module(), False: _module()}
     for fused, module in modules.items():
         out = _loss(module, batch, fused, monkeypatch)
-        (0.5 * out.loss + (weights * out.reconstruction).sum() + (weights.flip(0) * out.kl).sum()).backward()
+        terms = out.terms
+        (0.5 * out.loss + (weights * terms["reconstruction"]).sum() + (weights.flip(0) * terms["kl"]).sum()).backward()
     _assert_same_gradients(modules[True], modules[False])
 
 
@@ -151,6 +156,7 @@ def test_fused_training_follows_the_autograd_path(data, monkeypatch):
 def test_other_configurations_take_the_autograd_path(data, options):
     batch = _minibatch(_cell_data(data))
     assert fused_spec(_module(**options), batch) is None
+    assert not _module(**options).supports_direct_gradients()
 
 
 def test_when_the_fused_path_is_not_taken(data, monkeypatch):
@@ -190,17 +196,26 @@ def test_loss_and_gradients_writes_the_autograd_gradients(data, monkeypatch):
     monkeypatch.setenv("SCLATENT_FUSED", "1")
     torch.manual_seed(123)
     out = direct.loss_and_gradients(batch, kl_weight=0.4)
-    assert out.loss.grad_fn is None and out.reconstruction.grad_fn is None
+    assert out.loss.grad_fn is None and out.terms["reconstruction"].grad_fn is None
     expected = _loss(reference, batch, False, monkeypatch)
     expected.loss.backward()
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-4)
     _assert_same_gradients(direct, reference)
 
 
-def test_loss_and_gradients_declines_what_it_cannot_fuse(data):
+def test_what_the_pass_cannot_fuse_is_differentiated_by_autograd(data, monkeypatch):
+    """A configuration outside the pass is not offered to the trainer's direct path; called anyway,
+    ``loss_and_gradients`` writes autograd's gradients of :meth:`VAEModule.loss`."""
     batch = _minibatch(_cell_data(data))
-    module = _module(prior="planar")
-    assert module.loss_and_gradients(batch) is None
+    module, reference = _module(prior="planar"), _module(prior="planar")
+    assert not module.supports_direct_gradients() and not applies(module)
+    assert _module().supports_direct_gradients()
+    torch.manual_seed(123)
+    out = module.loss_and_gradients(batch, kl_weight=0.4)
+    expected = _loss(reference, batch, False, monkeypatch)
+    expected.loss.backward()
+    torch.testing.assert_close(out.loss, expected.loss)
+    _assert_same_gradients(module, reference)
 
 
 def test_trainer_takes_the_direct_path_unless_a_hook_needs_the_backward(data, monkeypatch):

@@ -16,7 +16,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import sclatent.train as trainer
 from sclatent.data import SetupError
 from sclatent.datasets import synthetic
 from sclatent.metrics import (
@@ -29,6 +28,7 @@ from sclatent.metrics import (
 from sclatent.metrics.realism import log_normalise
 from sclatent.model import CellGAN
 from sclatent.modules.gan import Critic, GANModule, gradient_penalty, straight_through_poisson
+from sclatent.steps import AdversarialStep, checked_parameter_groups
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 SMALL = dict(n_noise=16, generator_hidden=(64, 128), critic_hidden=(64, 32))
@@ -117,11 +117,11 @@ def test_each_adversarial_step_updates_only_its_group(monkeypatch):
     model = CellGAN(adata, n_critic=3, **SMALL)
     groups = model.module.parameter_groups()
     steps: list[str] = []
-    original = trainer._group_step
+    original = AdversarialStep._update
 
-    def spy(module, batch, name, optimizers, groups_, kl_weight):
+    def spy(step, batch, name, kl_weight, before_update):
         before = {g: [p.detach().clone() for p in params] for g, params in groups.items()}
-        out = original(module, batch, name, optimizers, groups_, kl_weight)
+        out = original(step, batch, name, kl_weight, before_update)
         for g, params in groups.items():
             changed = any(not torch.equal(b, p.detach()) for b, p in zip(before[g], params))
             assert changed == (g == name), f"a {name} step {'changed' if changed else 'left'} the {g} parameters"
@@ -129,7 +129,7 @@ def test_each_adversarial_step_updates_only_its_group(monkeypatch):
         steps.append(name)
         return out
 
-    monkeypatch.setattr(trainer, "_group_step", spy)
+    monkeypatch.setattr(AdversarialStep, "_update", spy)
     model.train(max_epochs=2, batch_size=20, **TRAIN)  # 6 minibatches per epoch, 12 in all
     # the critic on every minibatch, the generator after every third, critic first
     assert steps.count("critic") == 12 and steps.count("generator") == 4
@@ -147,7 +147,7 @@ def test_trainer_refuses_overlapping_groups():
             return {"critic": list(self.critic.parameters()), "all": list(self.parameters())}
 
     with pytest.raises(ValueError, match="shares parameters"):
-        trainer._parameter_groups(Overlapping(n_genes=4))
+        checked_parameter_groups(Overlapping(n_genes=4))
 
 
 def test_held_out_cells_get_a_validation_wasserstein():

@@ -18,8 +18,9 @@ import torch
 
 import sclatent
 from sclatent.images import ImageVAE
+from sclatent.images.plotting import plot_image_grid, plot_latent_manifold, plot_points_by_label
 from sclatent.images.vae import pixel_bernoulli_nll
-from sclatent.plotting import plot_image_grid, plot_latent_manifold, plot_points_by_label, plot_training_history
+from sclatent.plotting import plot_training_history
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"

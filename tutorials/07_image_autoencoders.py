@@ -20,8 +20,8 @@ from sklearn.decomposition import PCA
 
 import sclatent
 from sclatent.images import ImageAutoencoder, MaskedImageAutoencoder
-from sclatent.metrics.images import linear_probe_accuracy
-from sclatent.plotting import plot_image_grid
+from sclatent.images.metrics import linear_probe_accuracy
+from sclatent.images.plotting import plot_image_grid
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"

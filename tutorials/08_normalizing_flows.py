@@ -24,7 +24,7 @@ import sclatent
 from sclatent.datasets import ENERGIES, density_grid, energy
 from sclatent.images import DensityFlow, EnergyFlow, ImageFlow
 from sclatent.images.flow import pixel_histogram_bits_per_dim
-from sclatent.plotting import plot_density_panels, plot_image_grid
+from sclatent.images.plotting import plot_density_panels, plot_image_grid
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
@@ -223,7 +223,7 @@ layers or updates sharpen the fit.
 
 ## Glow on dequantised images
 
-A multi-scale Glow (`sclatent.nn.glow`: actnorm with data-dependent initialisation, LU-parameterised
+A multi-scale Glow (`sclatent.images.nn.glow`: actnorm with data-dependent initialisation, LU-parameterised
 1x1 convolutions, affine couplings whose last layer is zero so each starts as the identity, squeeze,
 split with learned priors; {glow["n_params"]:,} parameters) on {glow["n_train"]} images of
 `{glow["data"]}` ({glow["levels"]} grey levels, uniformly dequantised afresh each epoch), {GLOW_EPOCHS} epochs

@@ -23,8 +23,9 @@ import torch
 
 import sclatent
 from sclatent.images import DigitClassifier, ImageGAN, evaluate_image_gan
-from sclatent.metrics.images import gaussian_baseline_samples
-from sclatent.plotting import plot_image_grid, plot_training_history
+from sclatent.images.metrics import gaussian_baseline_samples
+from sclatent.images.plotting import plot_image_grid
+from sclatent.plotting import plot_training_history
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"

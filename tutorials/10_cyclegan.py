@@ -20,8 +20,9 @@ import sclatent
 from sclatent.datasets._domains import thicken, thin
 from sclatent.images import CycleGAN, evaluate_translation
 from sclatent.images.cyclegan import domain_classifier
-from sclatent.metrics.images import frechet_distance
-from sclatent.plotting import plot_image_grid, plot_training_history, plot_translations
+from sclatent.images.metrics import frechet_distance
+from sclatent.images.plotting import plot_image_grid, plot_translations
+from sclatent.plotting import plot_training_history
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"

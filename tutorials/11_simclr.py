@@ -24,8 +24,9 @@ from sklearn.manifold import TSNE
 
 import sclatent
 from sclatent.images import ImageVAE, SimCLR
-from sclatent.metrics.images import labels_per_class, linear_probe_accuracy
-from sclatent.plotting import plot_image_grid, plot_points_by_label, plot_training_history
+from sclatent.images.metrics import labels_per_class, linear_probe_accuracy
+from sclatent.images.plotting import plot_image_grid, plot_points_by_label
+from sclatent.plotting import plot_training_history
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
@@ -143,15 +144,15 @@ a shared machine: the seconds are indicative only).
 SimCLR (Chen et al. 2020) learns a representation without labels: every image is augmented twice,
 an encoder maps both views to `h`, a projection head maps `h` to `z`, and NT-Xent asks each view's
 `z` to pick its partner among the other `2B - 2` views of the minibatch. The loss and the head are
-the very objects the cell contrastive model trains with (`sclatent.modules.contrastive.nt_xent`,
-`ProjectionHead`); only the encoder (`sclatent.nn.conv.ConvEncoder`) and the augmentations
-(`sclatent.nn.image_augment`) are image-specific. The head is thrown away: the representation is
+the very objects the cell contrastive model trains with (`sclatent.nn.contrastive.nt_xent`,
+`ProjectionHead`); only the encoder (`sclatent.images.nn.conv.ConvEncoder`) and the augmentations
+(`sclatent.images.nn.augment`) are image-specific. The head is thrown away: the representation is
 `h` of the clean image.
 
 ```python
 import sclatent
 from sclatent.images import SimCLR
-from sclatent.metrics.images import linear_probe_accuracy
+from sclatent.images.metrics import linear_probe_accuracy
 
 train = sclatent.datasets.mnist("train").subset({N_TRAIN}, seed=0)   # labels unused for training
 test = sclatent.datasets.mnist("test")
