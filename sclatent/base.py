@@ -5,10 +5,10 @@ trained on, and calls :func:`sclatent.train.fit` to train it; it owns no trainin
 subclasses add the data side: :class:`sclatent.model.BaseModel` (AnnData, a registry) and
 :class:`sclatent.images.ArrayModel` (arrays of a fixed item shape). A concrete model declares
 ``module_class`` and ``hyperparameters_class`` (:mod:`sclatent.hyperparameters`) and implements
-:meth:`Model._module_kwargs` (what the module needs besides the hyperparameters).
+``Model._module_kwargs()`` (what the module needs besides the hyperparameters).
 
-Construction and loading are one path: :meth:`Model.__init__` and :meth:`Model._load` both set the
-data context, then :meth:`Model._init_state` (validated hyperparameters, history, flags), then
+Construction and loading are one path: ``Model.__init__`` and ``Model._load`` both set the
+data context, then ``Model._init_state`` (validated hyperparameters, history, flags), then
 build the module; loading then puts the saved weights in.
 """
 
@@ -167,7 +167,8 @@ class Model:
 
         Returns
         -------
-        The folder.
+        pathlib.Path
+            The folder.
         """
         metadata = {
             "sclatent_version": __version__,

@@ -83,7 +83,8 @@ def save_checkpoint(directory: str | os.PathLike, state: Mapping[str, Any]) -> P
 
     Returns
     -------
-    The checkpoint's path, or None on a rank that does not write.
+    pathlib.Path or None
+        The checkpoint's path, or None on a rank that does not write.
     """
     if not is_checkpoint_writer():
         return None
@@ -143,7 +144,8 @@ def load_checkpoint(directory: str | os.PathLike, fingerprint: Mapping[str, Any]
 
     Returns
     -------
-    The stored state (tensors on the CPU), or None when ``directory/checkpoint.pt`` does not exist.
+    dict or None
+        The stored state (tensors on the CPU), or None when ``directory/checkpoint.pt`` does not exist.
 
     Raises
     ------
@@ -404,7 +406,7 @@ class RunCheckpoint:
         """Load the checkpoint into ``module``, ``optimizers`` and the generators; None if there is none.
 
         In a distributed run each rank gets back its own generator states (and ``noise_generator``'s)
-        when the checkpoint was written by as many ranks; otherwise see :func:`restore_rng_state`.
+        when the checkpoint was written by as many ranks; otherwise see ``restore_rng_state``.
         """
         state = load_checkpoint(self.directory, self.fingerprint)
         if state is None:

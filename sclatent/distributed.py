@@ -15,7 +15,10 @@ one-process context and touches nothing. :func:`sclatent.train.fit` takes the co
   parameters stay identical: each rank's part is weighted by its share of the global minibatch
   (its cells / all ranks' cells) and the weighted gradients are summed over the ranks.
 
-  - One-objective modules (VAEs, autoencoders, the masked and contrastive models) are wrapped in
+  How depends on the step kind (:class:`sclatent.steps.DistributedStep` wraps it):
+
+  - Modules trained through autograd (autoencoders, the masked and contrastive models, VAEs
+    outside the fused pass's configuration) are wrapped in
     :class:`torch.nn.parallel.DistributedDataParallel` (:meth:`DistributedContext.data_parallel`,
     around a :class:`LossModule`): DDP all-reduces the gradient in buckets while the backward pass
     is still running. DDP averages over the ranks, so each rank's loss is scaled by
@@ -28,6 +31,8 @@ one-process context and touches nothing. :func:`sclatent.train.fit` takes the co
     flat gradient per group step (:meth:`DistributedContext.sum_gradients_`): their groups are
     frozen in turn (``requires_grad_(False)``) and step on different objectives, which DDP, with
     its one fixed set of parameters reduced per backward, does not fit.
+  - The VAE's direct-gradient pass (:mod:`sclatent.modules.fused_elbo`) builds no autograd graph
+    for DDP to hook into: the same one all-reduce of the flat gradient per step.
 * sums the per-epoch metric totals (training and validation, the validation cells sharded too)
   over the ranks before taking means, so the history, early stopping and the divergence check
   are the same on every rank, and averages BatchNorm's running statistics once per epoch.
@@ -257,8 +262,9 @@ def global_step_sizes(n_cells: int, batch_size: int, world_size: int) -> np.ndar
 
     Returns
     -------
-    ``(n_steps, world_size)`` int64: row ``s`` holds the sizes of step ``s``'s parts; rows sum to
-    the global minibatch sizes and the whole array to ``n_cells``.
+    numpy.ndarray
+        ``(n_steps, world_size)`` int64: row ``s`` holds the sizes of step ``s``'s parts; rows sum to
+        the global minibatch sizes and the whole array to ``n_cells``.
     """
     if batch_size < 1 or world_size < 1:
         raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size} and {world_size}.")
@@ -293,8 +299,9 @@ def rank_minibatches(order: torch.Tensor, step_sizes: np.ndarray, rank: int) -> 
 
     Returns
     -------
-    ``(cells, batch_sizes)``: the rank's cells in minibatch order (``(sum(batch_sizes),)`` int64)
-    and its ``n_steps`` minibatch sizes, for ``data.iterate(cells, ..., batch_sizes=batch_sizes)``.
+    tuple of (torch.Tensor, list of int)
+        ``(cells, batch_sizes)``: the rank's cells in minibatch order (``(sum(batch_sizes),)`` int64)
+        and its ``n_steps`` minibatch sizes, for ``data.iterate(cells, ..., batch_sizes=batch_sizes)``.
     """
     ends = np.cumsum(step_sizes.reshape(-1))  # part ends, step-major: (step 0: rank 0, 1, ...), (step 1: ...)
     begins = ends - step_sizes.reshape(-1)

@@ -121,7 +121,8 @@ def count_log_likelihood(
 
     Returns
     -------
-    ``(B,)`` log p(x_b) summed over genes, in nats.
+    torch.Tensor
+        ``(B,)`` log p(x_b) summed over genes, in nats.
     """
     _check_likelihood(likelihood)
     mu = torch.exp(log_mu)
@@ -402,8 +403,9 @@ def native_softmax_nb(
 
     Returns
     -------
-    ``log p(x)`` ``(B,)`` (nats) and, with ``with_gradients``, its gradients: w.r.t. ``heads``
-    ``(B, G or 2G)``, ``log_library`` ``(B,)`` and ``log_theta`` per cell ``(B, G)``; else Nones.
+    tuple of torch.Tensor
+        ``log p(x)`` ``(B,)`` (nats) and, with ``with_gradients``, its gradients: w.r.t. ``heads``
+        ``(B, G or 2G)``, ``log_library`` ``(B,)`` and ``log_theta`` per cell ``(B, G)``; else Nones.
     """
     n_cells = heads.shape[0]
     zero_inflated = heads.shape[1] == 2 * n_genes
@@ -531,7 +533,8 @@ def softmax_count_log_likelihood(
 
     Returns
     -------
-    ``(B,)`` log-likelihood per cell, nats.
+    torch.Tensor
+        ``(B,)`` log-likelihood per cell, nats.
     """
     _check_likelihood(likelihood)
     kernel = _native_kernel(likelihood, logits, log_library, log_theta, zi_logits)

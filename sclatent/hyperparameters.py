@@ -16,7 +16,7 @@ help text in one place. From it:
   unknown name or a value out of range is an error naming the valid ones);
 - the module takes the same keyword arguments (validated the same way);
 - the CLI adds one option per field (:meth:`Hyperparameters.add_arguments`: ``--n-latent``,
-  ``--gene-likelihood {zinb,nb,poisson}``, ...) and reads them back (:meth:`from_arguments`).
+  ``--gene-likelihood {zinb,nb,poisson}``, ...) and reads them back (:meth:`Hyperparameters.from_arguments`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -161,12 +162,17 @@ class Hyperparameters:
 
     @classmethod
     def describe(cls, indent: str = "    ") -> str:
-        """numpydoc ``Parameters`` entries (``name : type, default ...`` and the help), one per field."""
+        """numpydoc ``Parameters`` entries (``name : type, default ...`` and the help), one per field.
+
+        Types are written the numpydoc way (``{'zinb', 'nb'}``, ``tuple of int``, ``float or None``);
+        the plain-text help is escaped where reStructuredText would read markup into it
+        (``|z1|``, ``||J||_F^2``).
+        """
         hints = _hints(cls)
         lines = []
         for item in dataclasses.fields(cls):
             lines.append(f"{indent}{item.name} : {_type_text(hints[item.name])}, default {item.default!r}")
-            lines.append(f"{indent}    {item.metadata.get('help', '')}")
+            lines.append(f"{indent}    {_rst_text(item.metadata.get('help', ''))}")
         return "\n".join(lines)
 
 
@@ -225,11 +231,27 @@ def _base_type(hint: Any) -> type:
 
 
 def _type_text(hint: Any) -> str:
+    """numpydoc type of a field: ``int``, ``{'a', 'b'}``, ``tuple of int``, ``dict or None``."""
+    inner = _strip_optional(hint)
+    optional = " or None" if inner is not hint else ""
     choices = _choices(hint)
     if choices is not None:
-        text = "{" + ", ".join(repr(c) for c in choices) + "}"
-        return text + (" or None" if _strip_optional(hint) is not hint else "")
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        return "{" + ", ".join(repr(c) for c in choices) + "}" + optional
+    origin, args = get_origin(inner), get_args(inner)
+    if origin in (tuple, list) and args:
+        text = f"{origin.__name__} of {_type_text(args[0])}"
+    elif isinstance(origin, type):
+        text = origin.__name__
+    else:
+        text = getattr(inner, "__name__", None) or str(inner).replace("typing.", "")
+    return text + optional
+
+
+def _rst_text(text: str) -> str:
+    """Plain help text safe in a docstring: backslash, backquote and ``|`` escaped, and ``*`` where it
+    touches a word (it could open or close emphasis); nothing else changes."""
+    text = re.sub(r"([\\`|])", r"\\\1", text)
+    return re.sub(r"(?<=\S)\*|\*(?=\S)", r"\\*", text)
 
 
 def _frozen(value: Any) -> Any:

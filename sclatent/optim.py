@@ -16,7 +16,7 @@ import torch
 
 
 class FlatAdam:
-    """Adam on ``parameters``, re-homed into one flat buffer until :meth:`release`.
+    """Adam on ``parameters``, re-homed into one flat buffer until :meth:`~FlatAdam.release`.
 
     Autograd accumulates into the existing gradient views in place, so they fill the flat
     gradient. One difference from ``torch.optim.Adam``: a parameter that gets no gradient in a
@@ -111,9 +111,10 @@ class FlatAdam:
 
         Returns
         -------
-        Flat path: ``{"kind": "flat", "steps": int, "step": () float32 tensor, "exp_avg": (P,),
-        "exp_avg_sq": (P,)}`` with ``P`` the number of optimised scalars. Fallback path:
-        ``{"kind": "adam", "adam": torch.optim.Adam.state_dict()}``. Tensors are copies on the CPU.
+        dict
+            Flat path: ``{"kind": "flat", "steps": int, "step": () float32 tensor, "exp_avg": (P,),
+            "exp_avg_sq": (P,)}`` with ``P`` the number of optimised scalars. Fallback path:
+            ``{"kind": "adam", "adam": torch.optim.Adam.state_dict()}``. Tensors are copies on the CPU.
         """
         if self._fallback is not None:
             saved = self._fallback.state_dict()

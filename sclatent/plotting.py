@@ -66,7 +66,8 @@ def plot_training_history(
 
     Returns
     -------
-    The matplotlib Figure.
+    matplotlib.figure.Figure
+        The matplotlib Figure.
     """
     if not history.get("epoch"):
         raise ValueError("The model has no training history yet; train it first.")

@@ -44,8 +44,8 @@ class TrainingPlan:
         Stop when the monitored quantity has not improved by ``min_delta`` for ``patience`` epochs.
     monitor
         What early stopping watches: ``"elbo"`` (maximised), ``"loss"`` or the name of a per-cell
-        term the module reports (:attr:`LossOutput.terms`, minimised), on the validation cells
-        when there are some, else on the training cells. ``None``: the module's
+        term the module reports (``terms`` of :class:`~sclatent.contracts.LossOutput`, minimised), on the
+        validation cells when there are some, else on the training cells. ``None``: the module's
         :attr:`~sclatent.contracts.Module.default_monitor`.
     restore_best
         With early stopping, end with the parameters of the best monitored epoch rather than the last.

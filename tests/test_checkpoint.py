@@ -36,7 +36,6 @@ from sclatent.datasets import synthetic
 from sclatent.model import VAE, CellGAN
 from sclatent.optim import FlatAdam
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 SMALL_VAE = dict(n_latent=4, n_hidden=16)
 
@@ -101,7 +100,7 @@ if __name__ == "__main__":
 """
 
 
-def test_killed_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, capsys):
+def test_killed_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, capsys, repo):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(_SCRIPT))
     max_epochs = 30  # ~60 ms an epoch here: the kill lands at epoch 2-3, far from the end
@@ -109,7 +108,7 @@ def test_killed_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, 
 
     # the first run in its own process, killed by SIGKILL (no handler, no cleanup) once at least
     # two epochs are checkpointed
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     command = [sys.executable, str(script), str(checkpoint_dir), str(interrupted_out), str(max_epochs)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120  # importing sclatent alone takes seconds on a busy machine
@@ -418,7 +417,7 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 
 
 def test_fit_vae_writes_a_checkpoint_and_resumes_from_it(tmp_path, capsys, monkeypatch):
-    # neighbours, UMAP, Leiden and figures (tests/test_cli.py) take a minute here and do not touch
+    # neighbours, UMAP, Leiden and figures (tests/cli/test_commands.py) take a minute here and do not touch
     # the checkpoint: skipped
     def write_model_only(adata, model, family, labels_key, args):
         out, model_dir, umap_png, curves_png = output_paths(args)

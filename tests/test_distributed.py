@@ -29,7 +29,6 @@ from sclatent.model import VAE, CellGAN
 from sclatent.optim import FlatAdam
 from sclatent.train import TrainingPlan, fit
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 
 # The VAE experiment: 500 cells, 450 of them for training. 450 = 3 x 128 + 66 is not a multiple of
@@ -41,19 +40,19 @@ VAE_SETTINGS = dict(n_hidden=32, n_latent=5)
 TOY_CELLS, TOY_BATCH = 32, 8
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MPLBACKEND="Agg")
+def _env(repo: Path) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), MPLBACKEND="Agg")
     # a launch of our own: no torchrun variables inherited from whatever started pytest
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
 
 
-def _torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
+def _torchrun(repo: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
     # --standalone picks a free port for the rendezvous: parallel sessions do not collide
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
     return subprocess.run(
-        [*command, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, check=False
+        [*command, *args], cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -219,10 +218,10 @@ def _worker(out_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory) -> list[dict]:
+def two_rank_run(tmp_path_factory, repo) -> list[dict]:
     """The records of both ranks of one 2-process gloo run of :func:`_worker`."""
     out = tmp_path_factory.mktemp("distributed")
-    done = _torchrun(str(Path(__file__).resolve()), str(out), timeout=240)
+    done = _torchrun(repo, str(Path(__file__).resolve()), str(out), timeout=240)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
 
@@ -390,9 +389,10 @@ def test_two_processes_match_one_process_with_the_global_batch(two_rank_run):
     assert len(history["epoch"]) == len(single.history["epoch"]) == EPOCHS
 
 
-def test_torchrun_cli_writes_files_once(tmp_path):
+def test_torchrun_cli_writes_files_once(tmp_path, repo):
     out = tmp_path / "pbmc.h5ad"
     done = _torchrun(
+        repo,
         "-m",
         "sclatent",
         "fit-vae",

@@ -1,9 +1,6 @@
 """Training-curve panels follow what each family's history holds."""
 
-import matplotlib
 import pytest
-
-matplotlib.use("Agg")
 
 from sclatent.plotting import plot_training_history, training_panels
 

@@ -230,8 +230,9 @@ def cluster_and_write(adata, model, family: str, labels_key: str | None, args: a
 
     Returns
     -------
-    ``(out, model_dir, umap_png, curves_png)`` paths; the clusters are in
-    ``obs["leiden_sclatent_<family>"]``.
+    tuple of pathlib.Path
+        ``(out, model_dir, umap_png, curves_png)`` paths; the clusters are in
+        ``obs["leiden_sclatent_<family>"]``.
     """
     from ..metrics import neighbors_umap_leiden
     from ..plotting import plot_embedding, plot_training_history

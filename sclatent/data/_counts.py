@@ -178,8 +178,10 @@ def get_count_matrix(adata: ad.AnnData, layer: str | None):
 
     Returns
     -------
-    matrix, where
-        The matrix and its name for messages (``"adata.X"``, ``"adata.layers['counts']"``).
+    matrix : numpy.ndarray, scipy sparse matrix or on-disk dataset
+        The count matrix.
+    where : str
+        Its name for messages (``"adata.X"``, ``"adata.layers['counts']"``).
     """
     if layer is None:
         matrix = adata.X
@@ -278,8 +280,10 @@ def check_counts(matrix, where: str, allow_non_integer: bool, chunks=None) -> tu
 
     Returns
     -------
-    cell_totals, gene_totals
-        ``(n_cells,)`` and ``(n_genes,)`` float64 total counts.
+    cell_totals : numpy.ndarray
+        ``(n_cells,)`` float64 total counts.
+    gene_totals : numpy.ndarray
+        ``(n_genes,)`` float64 total counts.
     """
     n_cells, n_genes = matrix.shape
     cell_totals = np.zeros(n_cells)

@@ -173,9 +173,10 @@ def obs_codes(adata: ad.AnnData, registry: Registry, device: torch.device) -> Ce
 
     Returns
     -------
-    ``(batch_index, label_index, categorical_covariates, continuous_covariates)`` (a
-    :class:`CellCodes`): ``(n,)`` int64, ``(n,)`` int64 (zeros when no key is registered or the
-    labels column is absent, as in query data), ``(n, K)`` int64 and ``(n, C)`` float32.
+    CellCodes
+        ``(batch_index, label_index, categorical_covariates, continuous_covariates)`` (a
+        :class:`CellCodes`): ``(n,)`` int64, ``(n,)`` int64 (zeros when no key is registered or the
+        labels column is absent, as in query data), ``(n, K)`` int64 and ``(n, C)`` float32.
     """
     n_cells = adata.n_obs
 
@@ -258,6 +259,8 @@ class CellData(TrainingData):
         The counts of ``adata`` already located (:func:`sclatent.data.registry.count_source`);
         default: located here. A matrix on disk is read into memory once.
 
+    Notes
+    -----
     :meth:`from_csr` builds one from a cleaned CSR matrix and per-cell codes instead (the on-disk
     buffers). ``source`` is kept (None for :meth:`from_csr`), so that what else reads the counts
     (a kNN table) needs not locate them again.
@@ -376,7 +379,8 @@ class CellData(TrainingData):
         total = int(lengths.sum())
         row_ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=storage)
         torch.cumsum(lengths, 0, out=row_ptr[1:])
-        kernel = _native.library() if storage.type == self.device.type == "cpu" else None
+        # (the kernel writes host tensors: only when the minibatch is built where the counts are)
+        kernel = _native.kernels(storage, self._values.dtype) if storage.type == self.device.type else None
         if kernel is not None:
             rows = rows.contiguous()
             nz_col = torch.empty(total, dtype=torch.int64)

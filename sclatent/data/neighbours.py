@@ -35,7 +35,7 @@ __all__ = ["EVALUATION_SEED", "NeighbourData", "knn_table", "neighbour_data", "s
 
 logger = logging.getLogger("sclatent")
 
-# Seed of the neighbour draws of non-shuffled passes (evaluation), so that they repeat exactly.
+#: Seed of the neighbour draws of non-shuffled passes (evaluation), so that they repeat exactly.
 EVALUATION_SEED = 0
 
 
@@ -64,8 +64,9 @@ def knn_table(
 
     Returns
     -------
-    ``(n_cells, k)`` int64 indices into the cells; a reference cell is never its own neighbour.
-    ``k`` is capped at ``len(reference_cells) - 1``.
+    numpy.ndarray
+        ``(n_cells, k)`` int64 indices into the cells; a reference cell is never its own neighbour.
+        ``k`` is capped at ``len(reference_cells) - 1``.
     """
     import scanpy as sc
 
@@ -188,6 +189,8 @@ def neighbour_data(
     n_neighbors, seed
         ``k`` and the seed of the PCA (:func:`knn_table`).
 
+    Notes
+    -----
     Cells in memory (also when loaded from disk) get :func:`knn_table` of the whole matrix read
     into memory (scanpy's PCA: seeded, the same table as for the same counts in memory); cells
     streamed from disk get :func:`streamed_knn_table`, which never loads the matrix.
@@ -226,6 +229,8 @@ class NeighbourData(TrainingData):
     table
         ``(n_cells, k)`` int64 neighbour indices into ``data`` (e.g. from :func:`knn_table`).
 
+    Notes
+    -----
     ``iterate`` takes the arguments of :meth:`CellData.iterate`; each minibatch gets
     ``batch.neighbour``, the minibatch of ``table[cell, j]`` with ``j`` uniform in ``0..k-1``,
     drawn from ``generator`` in training passes (shuffled, or with explicit ``batch_sizes`` as a

@@ -465,6 +465,8 @@ class OnDiskCellData(TrainingData):
             Explicit minibatch sizes (positive, summing to ``len(cells)``), overriding
             ``batch_size`` and ``drop_last``.
 
+        Notes
+        -----
         Memory: at most one window is held, ``ceil(buffer_cells / batch_size)`` minibatches
         (about ``buffer_cells`` cells) plus up to ``merge_gap`` unwanted rows per contiguous run.
         """

@@ -203,7 +203,8 @@ def setup_anndata(
 
     Returns
     -------
-    The :class:`Registry`, also stored (as JSON) on ``adata.uns``.
+    Registry
+        The :class:`Registry`, also stored (as JSON) on ``adata.uns``.
 
     Notes
     -----

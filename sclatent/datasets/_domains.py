@@ -79,8 +79,8 @@ def thin(images: ImageSet, radius: int = 1) -> ImageSet:
 def domain_transform(images: ImageSet, kind: str) -> ImageSet:
     """The restyling ``kind`` (one of :data:`DOMAIN_KINDS`) with its default setting applied to ``images``.
 
-    ``"invert"``: :func:`invert`; ``"rotate"``: :func:`rotate` by 90 degrees; ``"thicken"`` /
-    ``"thin"``: :func:`thicken` / :func:`thin` with radius 1.
+    ``"invert"``: ``invert`` (``255 - x``); ``"rotate"``: :func:`rotate` by 90 degrees; ``"thicken"`` /
+    ``"thin"``: ``thicken`` / ``thin`` (grey dilation / erosion) with radius 1.
     """
     if not isinstance(images, ImageSet):
         raise TypeError(f"expected an ImageSet (e.g. sclatent.datasets.mnist()), got {type(images).__name__}.")
@@ -109,7 +109,7 @@ def unpaired_domains(images: ImageSet, kind: str, seed: int = 0) -> tuple[ImageS
 
     Returns
     -------
-    (domain_a, domain_b)
+    domain_a, domain_b : ImageSet
         :class:`ImageSet` s of ``ceil(N / 2)`` and ``floor(N / 2)`` images, each in the original order;
         no image of ``images`` is in both, so no (a, transform(a)) pair exists. Names end in ``/A``
         and ``/B-<kind>``. Labels are kept for evaluation only.

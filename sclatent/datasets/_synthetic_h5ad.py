@@ -68,9 +68,10 @@ def synthetic_h5ad(
 
     Returns
     -------
-    The path written. ``X``: CSR float32 counts (int64 ``indptr``, int32 ``indices``); ``obs``:
-    ``cell_type`` and ``batch`` (categoricals, as in ``synthetic``); ``var_names`` ``gene_0, ...``;
-    ``uns["synthetic_params"]``: the arguments. No ``true_mean`` layer (it would be dense).
+    pathlib.Path
+        The path written. ``X``: CSR float32 counts (int64 ``indptr``, int32 ``indices``); ``obs``:
+        ``cell_type`` and ``batch`` (categoricals, as in ``synthetic``); ``var_names`` ``gene_0, ...``;
+        ``uns["synthetic_params"]``: the arguments. No ``true_mean`` layer (it would be dense).
     """
     if n_cells < max(n_clusters, n_batches) or min(n_genes, n_clusters, n_batches, n_latent, chunk_cells) < 1:
         raise ValueError("n_cells must be >= n_clusters and n_batches; every size must be >= 1.")

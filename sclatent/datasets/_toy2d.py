@@ -130,7 +130,7 @@ _ENERGY_FUNCTIONS = {"U1": U1, "U2": U2, "U3": U3, "U4": U4}
 
 
 def energy(name: str, bounded: bool = True):
-    """The energy ``U`` called ``name`` (``"U1"`` .. ``"U4"``), as a function ``(..., 2) -> (...)``.
+    """The energy ``U`` called ``name`` (``"U1"`` to ``"U4"``), as a function ``(..., 2) -> (...)``.
 
     Parameters
     ----------

@@ -30,8 +30,8 @@ class ArrayModel(Model):
     """Base of the image/vector models: :class:`sclatent.base.Model` plus an item shape.
 
     A subclass sets ``module_class`` and ``hyperparameters_class``; the module is built from
-    ``input_shape`` and the module hyperparameters (override :meth:`_module_kwargs` for more).
-    :attr:`input_range` (default ``(0, 1)``) is what :meth:`_check_inputs` enforces (``None``:
+    ``input_shape`` and the module hyperparameters (override ``_module_kwargs()`` for more).
+    :attr:`input_range` (default ``(0, 1)``) is what ``_check_inputs()`` enforces (``None``:
     any finite value) and :attr:`needs_labels` whether ``train`` needs labels; a subclass whose
     answer depends on its hyperparameters overrides them as properties.
 
@@ -45,8 +45,9 @@ class ArrayModel(Model):
         The family's hyperparameters (validated, stored, saved and shown by ``repr``).
     """
 
+    #: The range every input value must lie in (checked on input); None: any finite value.
     input_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
-    # does train() need labels (classifiers, class-conditional generators)?
+    #: Does ``train`` need labels (classifiers, class-conditional generators)?
     needs_labels: ClassVar[bool] = False
 
     def __init__(self, input_shape: tuple[int, ...], *, seed: int = 0, **hyperparameters: Any) -> None:
@@ -165,7 +166,8 @@ class ArrayModel(Model):
 
         Returns
         -------
-        The model, trained in place; per-epoch history in ``model.history``.
+        ArrayModel
+            The model, trained in place; per-epoch history in ``model.history``.
         """
         x, y = self._check_inputs(x, y, require_labels=self.needs_labels)
         n_train = len(x)

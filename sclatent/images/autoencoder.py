@@ -114,7 +114,7 @@ class ImageAutoencoder(ArrayModel):
         Parameters
         ----------
         x
-            Clean items (or an :class:`ImageSet`).
+            Clean items (or an :class:`~sclatent.datasets.ImageSet`).
         noise, noise_rate
             Corrupt ``x`` before encoding (``"gaussian"``, ``"salt"``, ``"masking"``; the rate
             defaults to the model's own for its own kind, else 0.3 / 0.25 / 0.25); what a denoising

@@ -33,6 +33,8 @@ class CycleGAN(ArrayModel):
     seed
         Initial weights and, by default, training.
 
+    Notes
+    -----
     The default sizes (16 filters, 2 residual blocks: 113 k parameters in all) take about 1 s per
     minibatch of 64 MNIST pairs on one CPU thread; 8 filters is 4x cheaper.
 
@@ -109,10 +111,11 @@ class CycleGAN(ArrayModel):
 
         Returns
         -------
-        The model, trained in place. ``history`` holds per epoch ``train_generators_loss``,
-        ``train_discriminators_loss``, ``train_cycle_a``, ``train_cycle_b``, ``train_identity_a``,
-        ``train_identity_b``, ``train_adversarial_a_to_b``, ``train_adversarial_b_to_a``,
-        ``train_discriminator_a``, ``train_discriminator_b`` (means per item).
+        CycleGAN
+            The model, trained in place. ``history`` holds per epoch ``train_generators_loss``,
+            ``train_discriminators_loss``, ``train_cycle_a``, ``train_cycle_b``, ``train_identity_a``,
+            ``train_identity_b``, ``train_adversarial_a_to_b``, ``train_adversarial_b_to_a``,
+            ``train_discriminator_a``, ``train_discriminator_b`` (means per item).
         """
         seed = self.seed if seed is None else seed
         rng = np.random.default_rng(seed)

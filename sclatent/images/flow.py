@@ -128,7 +128,7 @@ class ImageFlow(ArrayModel):
 
 
 class EnergyFlow(ArrayModel):
-    """A planar flow ``q`` fitted to ``p(z) = exp(-U(z)) / Z`` (``U1`` .. ``U4``) by reverse KL.
+    """A planar flow ``q`` fitted to ``p(z) = exp(-U(z)) / Z`` (``U1`` to ``U4``) by reverse KL.
 
     Parameters
     ----------

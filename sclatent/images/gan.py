@@ -134,7 +134,8 @@ def evaluate_image_gan(gan: ImageGAN, classifier, train, test, n: int = 5000, se
 
     Returns
     -------
-    ``{"model" | "real" | "baseline": {"frechet", "confidence", "class_entropy"[, "accuracy"]}}``.
+    dict
+        ``{"model" | "real" | "baseline": {"frechet", "confidence", "class_entropy"[, "accuracy"]}}``.
     """
     from .metrics import gaussian_baseline_samples, generator_scores
 

@@ -56,7 +56,7 @@ class MaskedImageAutoencoder(ArrayModel):
         Parameters
         ----------
         x
-            Images (or an :class:`ImageSet`).
+            Images (or an :class:`~sclatent.datasets.ImageSet`).
         mask_seed
             Seed of the masks (the same patches hidden for the same seed and images).
         paste_visible
@@ -64,8 +64,9 @@ class MaskedImageAutoencoder(ArrayModel):
 
         Returns
         -------
-        ``(reconstruction, mask)``, each ``(N, *input_shape)`` float32; ``mask`` is 1 on the hidden
-        pixels, so the masked input is ``x * (1 - mask)``.
+        tuple of numpy.ndarray
+            ``(reconstruction, mask)``, each ``(N, *input_shape)`` float32; ``mask`` is 1 on the hidden
+            pixels, so the masked input is ``x * (1 - mask)``.
         """
         module = self.module
 

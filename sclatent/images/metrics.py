@@ -95,7 +95,8 @@ def gaussian_baseline_samples(
 
     Returns
     -------
-    ``(n, *shape)`` float32 array in [0, 1].
+    numpy.ndarray
+        ``(n, *shape)`` float32 array in [0, 1].
     """
     images = np.asarray(images, dtype=np.float64)
     shape, flat = images.shape[1:], images.reshape(len(images), -1)

@@ -38,7 +38,8 @@ def plot_image_grid(
 
     Returns
     -------
-    The matplotlib Figure.
+    matplotlib.figure.Figure
+        The matplotlib Figure.
     """
     import numpy as np
 
@@ -81,7 +82,8 @@ def plot_points_by_label(
 
     Returns
     -------
-    The matplotlib Figure.
+    matplotlib.figure.Figure
+        The matplotlib Figure.
     """
     import numpy as np
 
@@ -130,7 +132,8 @@ def plot_latent_manifold(
 
     Returns
     -------
-    The matplotlib Figure.
+    matplotlib.figure.Figure
+        The matplotlib Figure.
     """
     import numpy as np
 
@@ -178,7 +181,8 @@ def plot_density_panels(
 
     Returns
     -------
-    The matplotlib Figure.
+    matplotlib.figure.Figure
+        The matplotlib Figure.
     """
     import numpy as np
 
@@ -231,7 +235,8 @@ def plot_translations(
 
     Returns
     -------
-    The matplotlib Figure.
+    matplotlib.figure.Figure
+        The matplotlib Figure.
     """
     import numpy as np
 

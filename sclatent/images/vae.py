@@ -42,7 +42,8 @@ def pixel_bernoulli_nll(train, test_binary: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    ``(M,)`` negative log-likelihoods, nats.
+    numpy.ndarray
+        ``(M,)`` negative log-likelihoods, nats.
     """
     train = train.unit() if isinstance(train, ImageSet) else np.asarray(train, dtype=np.float64)
     train = train.reshape(len(train), -1)
@@ -272,7 +273,8 @@ class ImageVAE(ArrayModel):
 
         Returns
         -------
-        The mean over items (float), or ``(N,)`` per item with ``return_mean=False``.
+        float or numpy.ndarray
+            The mean over items (float), or ``(N,)`` per item with ``return_mean=False``.
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")

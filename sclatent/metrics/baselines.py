@@ -16,7 +16,8 @@ def pca_embedding(adata, layer: str | None = None, n_comps: int = 50) -> np.ndar
 
     Returns
     -------
-    ``(n_cells, min(n_comps, min(shape) - 1))`` float32.
+    numpy.ndarray
+        ``(n_cells, min(n_comps, min(shape) - 1))`` float32.
     """
     import anndata as ad
     import scanpy as sc
@@ -51,9 +52,10 @@ def fit_nb_gene_model(counts, train_cells: np.ndarray) -> tuple[sp.csr_matrix, n
 
     Returns
     -------
-    ``(counts as CSR float64, library (n_cells,), frequency p_g (G,), theta_g (G,))``: ``p_g`` is
-    gene g's share of the training counts, ``theta_g`` the method-of-moments inverse dispersion of
-    the size-normalised training counts, clipped to [1e-2, 1e4].
+    tuple
+        ``(counts as CSR float64, library (n_cells,), frequency p_g (G,), theta_g (G,))``: ``p_g`` is
+        gene g's share of the training counts, ``theta_g`` the method-of-moments inverse dispersion of
+        the size-normalised training counts, clipped to [1e-2, 1e4].
     """
     csr = sp.csr_matrix(counts, dtype=np.float64)
     library = np.asarray(csr.sum(axis=1)).ravel()
@@ -205,7 +207,8 @@ def knn_smoothing_predictor(
 
     Returns
     -------
-    ``(n_cells, n_genes)`` float32, or ``(n,)`` float64 values at ``(rows, cols)``.
+    numpy.ndarray
+        ``(n_cells, n_genes)`` float32, or ``(n,)`` float64 values at ``(rows, cols)``.
     """
     csr, library, profiles = _library_and_profiles(counts)
     n_cells, n_genes = csr.shape
@@ -276,8 +279,9 @@ def diffusion_predictor(
 
     Returns
     -------
-    ``(n_cells, n_genes)`` float32, or ``(n,)`` float64 values at ``(rows, cols)``. Holds two dense
-    ``(n_cells, n_genes)`` float32 intermediates when ``t >= 2``.
+    numpy.ndarray
+        ``(n_cells, n_genes)`` float32, or ``(n,)`` float64 values at ``(rows, cols)``. Holds two dense
+        ``(n_cells, n_genes)`` float32 intermediates when ``t >= 2``.
     """
     if t < 1:
         raise ValueError(f"t must be >= 1, got {t}.")

@@ -42,7 +42,8 @@ def leiden_scores(
 
     Returns
     -------
-    ``{"ari": ..., "nmi": ..., "n_clusters": ...}``.
+    dict
+        ``{"ari": ..., "nmi": ..., "n_clusters": ...}``.
     """
     scratch = ad.AnnData(np.zeros((embedding.shape[0], 1), dtype=np.float32))
     scratch.obsm["rep"] = np.asarray(embedding, dtype=np.float32)

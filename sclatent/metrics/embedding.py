@@ -65,7 +65,8 @@ def knn_accuracy(
 
     Returns
     -------
-    Fraction of cells whose label is predicted correctly when held out, in [0, 1].
+    float
+        Fraction of cells whose label is predicted correctly when held out, in [0, 1].
     """
     embedding, labels = _as_arrays(embedding, labels)
     classifier = KNeighborsClassifier(n_neighbors=n_neighbors)
@@ -79,7 +80,8 @@ def linear_probe_scores(
 
     Returns
     -------
-    ``{"accuracy": ..., "macro_f1": ...}`` of the held-out predictions, each in [0, 1].
+    dict
+        ``{"accuracy": ..., "macro_f1": ...}`` of the held-out predictions, each in [0, 1].
     """
     embedding, labels = _as_arrays(embedding, labels)
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
@@ -100,7 +102,8 @@ def batch_entropy(embedding: np.ndarray, batches: np.ndarray, n_neighbors: int =
 
     Returns
     -------
-    Mean ``H_i`` over cells, in [0, 1].
+    float
+        Mean ``H_i`` over cells, in [0, 1].
     """
     embedding, batches = _as_arrays(embedding, batches)
     categories, codes = np.unique(batches, return_inverse=True)
@@ -122,8 +125,9 @@ def batch_asw(embedding: np.ndarray, batches: np.ndarray, labels: np.ndarray) ->
 
     Returns
     -------
-    Mean over labels of the mean per-cell ``1 - |s|``, in [0, 1]; 1 means batches are mixed
-    within every cell type.
+    float
+        Mean over labels of the mean per-cell ``1 - |s|``, in [0, 1]; 1 means batches are mixed
+        within every cell type.
     """
     embedding, batches, labels = _as_arrays(embedding, batches, labels)
     scores = []

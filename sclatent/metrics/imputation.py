@@ -94,8 +94,9 @@ def corrupt_counts(counts, rate: float = 0.1, method: str = "uniform", seed: int
 
     Returns
     -------
-    :class:`Corruption`: the corrupted CSR float32 matrix (explicit zeros removed) and the
-    coordinates and original values of the hidden entries, in row-major order.
+    Corruption
+        :class:`Corruption`: the corrupted CSR float32 matrix (explicit zeros removed) and the
+        coordinates and original values of the hidden entries, in row-major order.
     """
     if method not in CORRUPTION_METHODS:
         raise ValueError(f"method must be one of {CORRUPTION_METHODS}, got {method!r}.")

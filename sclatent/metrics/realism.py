@@ -69,8 +69,9 @@ def classifier_two_sample_auroc(a, b, n_comps: int = 50, n_splits: int = 5, seed
 
     Returns
     -------
-    AUROC in [0, 1]: ~0.5 when the sets are indistinguishable to a linear classifier, 1 when
-    separable. Below 0.5 is chance fluctuation.
+    float
+        AUROC in [0, 1]: ~0.5 when the sets are indistinguishable to a linear classifier, 1 when
+        separable. Below 0.5 is chance fluctuation.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -124,9 +125,10 @@ def gene_statistic_correlations(a, b) -> dict[str, float]:
 
     Returns
     -------
-    ``{"mean": r, "variance": r, "zero_fraction": r}``: mean and variance of log-normalised
-    expression, fraction of zero counts. Genes constant in both sets make a correlation undefined
-    (NaN) only if every gene is.
+    dict
+        ``{"mean": r, "variance": r, "zero_fraction": r}``: mean and variance of log-normalised
+        expression, fraction of zero counts. Genes constant in both sets make a correlation undefined
+        (NaN) only if every gene is.
     """
     _check_pair(a, b)
     la, lb = log_normalise(a), log_normalise(b)
@@ -163,8 +165,8 @@ def top_markers(counts, labels, k: int = 20) -> dict[str, list[int]]:
 
 
 def marker_overlap(a, labels_a, b, labels_b, k: int = 20) -> dict[str, float]:
-    """Per label present in both sets, ``|top_k(a) & top_k(b)| / k`` (see :func:`top_markers`), and
-    ``"mean"`` over the labels."""
+    """Per label present in both sets, ``|top_k(a) & top_k(b)| / k`` (see
+    :func:`~sclatent.metrics.realism.top_markers`), and ``"mean"`` over the labels."""
     _check_pair(a, b)
     ma, mb = top_markers(a, labels_a, k), top_markers(b, labels_b, k)
     out = {t: len(set(ma[t]) & set(mb[t])) / k for t in ma if t in mb}

@@ -35,7 +35,7 @@ class BaseModel(Model):
     """Base of the AnnData-facing models.
 
     A subclass sets ``module_class``, ``hyperparameters_class`` and ``name`` (the suffix of
-    ``obsm["X_sclatent_<name>"]``) and implements :meth:`_module_kwargs`, the module's
+    ``obsm["X_sclatent_<name>"]``) and implements ``_module_kwargs()``, the module's
     constructor arguments from the registry (``self.adata`` is None when loading saved weights).
 
     Attributes
@@ -186,7 +186,8 @@ class BaseModel(Model):
 
         Returns
         -------
-        The model (trained in place), with the per-epoch history in ``model.history``.
+        BaseModel
+            The model (trained in place), with the per-epoch history in ``model.history``.
 
         Notes
         -----

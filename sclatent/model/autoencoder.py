@@ -118,8 +118,9 @@ class DenoisingAE(BaseModel):
 
         Returns
         -------
-        ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_dae"]`` for
-        ``sc.pp.neighbors(adata, use_rep="X_sclatent_dae")``.
+        numpy.ndarray
+            ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_dae"]`` for
+            ``sc.pp.neighbors(adata, use_rep="X_sclatent_dae")``.
         """
         out = []
         for batch in self._batches(adata, indices, batch_size):
@@ -157,8 +158,9 @@ class DenoisingAE(BaseModel):
 
         Returns
         -------
-        ``(n_cells, G)`` float32 expected counts in each cell's own library size when
-        ``return_matrix``, else None.
+        numpy.ndarray or None
+            ``(n_cells, G)`` float32 expected counts in each cell's own library size when
+            ``return_matrix``, else None.
         """
         target = self.adata if adata is None else adata
         if target is None:

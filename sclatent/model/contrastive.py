@@ -98,8 +98,9 @@ class ContrastiveModel(BaseModel):
 
         Returns
         -------
-        ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_contrastive"]`` for
-        ``sc.pp.neighbors(adata, use_rep="X_sclatent_contrastive")``.
+        numpy.ndarray
+            ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_contrastive"]`` for
+            ``sc.pp.neighbors(adata, use_rep="X_sclatent_contrastive")``.
         """
         out = [self.module.embedding(batch).cpu() for batch in self._batches(adata, indices, batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.module.n_latent), np.float32)

@@ -108,6 +108,8 @@ class CellGAN(BaseModel):
             cells get ``validation_wasserstein``, the critic's estimate of the distance between them
             and synthetic cells).
 
+        Notes
+        -----
         History (per epoch, means per cell): ``train_critic_loss`` (``-W + lambda * GP``),
         ``train_generator_loss`` (``-E[D(fake)]``), ``train_wasserstein`` (the critic's
         Wasserstein-1 estimate; it falls as the generator improves), ``train_gradient_penalty``,
@@ -155,10 +157,11 @@ class CellGAN(BaseModel):
 
         Returns
         -------
-        AnnData ``(n, G)``: ``X`` CSR float32 non-negative integer counts, ``var_names`` the model's
-        genes; ``obs[labels_key]`` (categorical over all registered types) when the GAN is
-        conditional, ``obs["synthetic"]`` True, ``obs["library_size"]`` the sampled library
-        (the cell's total is ``Poisson``-close to it: the counts are ``Poisson(l * rho)``).
+        anndata.AnnData
+            AnnData ``(n, G)``: ``X`` CSR float32 non-negative integer counts, ``var_names`` the model's
+            genes; ``obs[labels_key]`` (categorical over all registered types) when the GAN is
+            conditional, ``obs["synthetic"]`` True, ``obs["library_size"]`` the sampled library
+            (the cell's total is ``Poisson``-close to it: the counts are ``Poisson(l * rho)``).
         """
         self._check_trained()
         n = int(n)
@@ -208,11 +211,12 @@ class CellGAN(BaseModel):
         A GAN has no encoder: nothing here is an inferred latent variable. These features are what
         the critic learned to tell real from synthetic cells with; they do not depend on the label
         (the label enters the score only by projection), and how well they separate cell types is
-        measured, not promised (``tests/test_gan.py``, ``tutorials/05_gan_augmentation.md``).
+        measured, not promised (``tests/model/test_gan.py``, ``tutorials/05_gan_augmentation.md``).
 
         Returns
         -------
-        ``(n_cells, critic_hidden[-1])`` float32.
+        numpy.ndarray
+            ``(n_cells, critic_hidden[-1])`` float32.
         """
         self._check_trained()
         out = [self.module.critic_features(batch.counts).cpu() for batch in self._batches(adata, indices, batch_size)]

@@ -42,7 +42,8 @@ def labelled_subset(
 
     Returns
     -------
-    Sorted int64 indices into ``labels``.
+    numpy.ndarray
+        Sorted int64 indices into ``labels``.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction_labelled must be in (0, 1], got {fraction}.")
@@ -218,9 +219,10 @@ class MaskedGeneModel(BaseModel):
 
         Returns
         -------
-        The model. The head's classes (all non-missing labels of ``adata``) are ``model.classes``;
-        the per-epoch cross-entropy and accuracy on the labelled cells are in
-        ``model.history["fine_tune_train_cross_entropy"]`` / ``["fine_tune_train_accuracy"]``.
+        MaskedGeneModel
+            The model. The head's classes (all non-missing labels of ``adata``) are ``model.classes``;
+            the per-epoch cross-entropy and accuracy on the labelled cells are in
+            ``model.history["fine_tune_train_cross_entropy"]`` / ``["fine_tune_train_accuracy"]``.
         """
         target = self.adata if adata is None else adata
         if target is None:
@@ -301,7 +303,8 @@ class MaskedGeneModel(BaseModel):
 
         Returns
         -------
-        ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_masked"]``.
+        numpy.ndarray
+            ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_masked"]``.
         """
         out = [self.module.encode(batch.counts).cpu() for batch in self._batches(adata, indices, batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.module.n_latent), np.float32)
@@ -312,7 +315,8 @@ class MaskedGeneModel(BaseModel):
 
         Returns
         -------
-        ``(n_cells, n_classes)`` float32, rows summing to 1, columns in ``model.classes`` order.
+        numpy.ndarray
+            ``(n_cells, n_classes)`` float32, rows summing to 1, columns in ``model.classes`` order.
         """
         classes = self.classes
         out = [

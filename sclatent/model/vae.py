@@ -82,8 +82,9 @@ class VAE(BaseModel):
 
         Returns
         -------
-        ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_vae"]`` for
-        ``sc.pp.neighbors(adata, use_rep="X_sclatent_vae")``.
+        numpy.ndarray
+            ``(n_cells, n_latent)`` float32; write it to ``adata.obsm["X_sclatent_vae"]`` for
+            ``sc.pp.neighbors(adata, use_rep="X_sclatent_vae")``.
         """
         out = []
         with seeded(seed):
@@ -122,8 +123,9 @@ class VAE(BaseModel):
 
         Returns
         -------
-        ``(n_cells, n_genes)`` DataFrame (cells x genes) or array with ``return_numpy``; the path
-        written with ``out``.
+        pandas.DataFrame, numpy.ndarray or pathlib.Path
+            ``(n_cells, n_genes)`` DataFrame (cells x genes) or array with ``return_numpy``; the path
+            written with ``out``.
         """
         writer = None
         if out is not None:
@@ -238,7 +240,8 @@ class VAE(BaseModel):
 
         Returns
         -------
-        ``(n_cells, n_genes)`` float32 integer counts, or ``(n_cells, n_genes, n_samples)``.
+        numpy.ndarray
+            ``(n_cells, n_genes)`` float32 integer counts, or ``(n_cells, n_genes, n_samples)``.
         """
         out = []
         with seeded(seed):

@@ -122,8 +122,8 @@ class ContrastiveModule(Module):
         """Per-cell NT-Xent (``nt_xent``, nats; the mean over the cell's two views as anchors). No
         likelihood and no ELBO; ``kl_weight`` is unused (no KL).
 
-        In evaluation mode the views come from a generator seeded with :data:`EVALUATION_SEED`, so
-        the held-out loss is deterministic.
+        In evaluation mode the views come from a generator seeded with
+        :data:`sclatent.nn.contrastive.EVALUATION_SEED`, so the held-out loss is deterministic.
         """
         generator = None
         if not self.training:

@@ -11,7 +11,7 @@ backward applies the chain rule by hand.
 The result is the module's own objective, not an approximation: the same loss, the same gradient
 for every parameter, the same BatchNorm running statistics and the same random draws (dropout seed,
 then the reparameterisation noise, from torch's generator in the same order), equal to float32
-rounding (``tests/test_fused_elbo.py``). It covers the configuration of scVI and of the benchmark,
+rounding (``tests/modules/test_fused_elbo.py``). It covers the configuration of scVI and of the benchmark,
 which is also the model's default: normal prior and posterior, observed library size, gene-wise
 dispersion, ZINB or NB, one hidden layer in encoder and decoder, categorical covariates. It reads
 the layers through their public description (:meth:`sclatent.nn.MLP.describe`).
@@ -19,8 +19,8 @@ the layers through their public description (:meth:`sclatent.nn.MLP.describe`).
 How it is used, in one place each: the trainer asks once per ``fit`` whether the pass applies
 (``VAEModule.supports_direct_gradients()`` -> :func:`applies`) and if so trains through
 ``VAEModule.loss_and_gradients`` -> :func:`fused_loss_and_gradients` (gradients written straight
-into ``.grad``, no autograd graph). :meth:`VAEModule.loss` never takes this path: it is the
-autograd reference the pass is tested against. :func:`fused_loss` offers the same pass as one
+into ``.grad``, no autograd graph). :meth:`VAEModule.loss <sclatent.modules.VAEModule.loss>` never takes
+this path: it is the autograd reference the pass is tested against. :func:`fused_loss` offers the same pass as one
 autograd node, for callers that need a differentiable loss (``benchmarks/profile_step.py``).
 Any other configuration, other devices, and ``SCLATENT_FUSED=0`` train through autograd.
 """
@@ -136,7 +136,7 @@ def _cached_structure(module) -> _Spec | None:
 
 
 def applies(module) -> bool:
-    """Whether the fused pass can train ``module`` (a :class:`VAEModule`) as it is now: its
+    """Whether the fused pass can train ``module`` (a :class:`~sclatent.modules.VAEModule`) as it is now: its
     configuration (see the module docstring), its parameters on the CPU in float32, the native
     kernels available (:func:`sclatent._native.kernels`) and the pass not switched off
     (``SCLATENT_FUSED=0``). The trainer asks once, through ``module.supports_direct_gradients()``."""
@@ -196,7 +196,7 @@ def _structure(module) -> _Spec | None:
 
 
 def fused_loss(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
-    """Negative ELBO per cell, as :meth:`VAEModule.loss`, through the fused pass."""
+    """Negative ELBO per cell, as :meth:`VAEModule.loss <sclatent.modules.VAEModule.loss>`, through the fused pass."""
     loss, reconstruction, kl = _FusedELBO.apply(spec, batch, float(kl_weight), *spec.parameters())
     return LossOutput.variational(loss, reconstruction, kl)
 

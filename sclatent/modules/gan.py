@@ -17,13 +17,13 @@ Why the critic reads *sampled* counts, not the generator's mean ``l * rho``: rea
 Poisson-like sampling noise and many exact zeros, a mean profile has neither, so a critic shown means
 separates them trivially and drives the generator to imitate sampling noise inside ``rho`` (which
 sampling would then add a second time). Here the generator models only the biology (``rho``), the
-counts are drawn exactly as :meth:`sample` draws them, and the gradient reaches ``rho`` through
+counts are drawn exactly as :meth:`GANModule.sample_counts` draws them, and the gradient reaches ``rho`` through
 the straight-through estimator ``x~ = mu + (Poisson(mu) - mu).detach()`` (exact in expectation:
 ``dE[Poisson(mu)]/dmu = 1``).
 
 Library sizes are not generated: training pairs each synthetic cell with the library of the real
 cell it stands beside (same label), and sampling draws them from the per-type empirical library
-distribution stored in the module (:attr:`GANModule.library_bank`).
+distribution stored in the module (its ``library_bank`` buffer, :meth:`GANModule.set_library_bank`).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from ..nn.masking import draw_feature_mask, n_masked_features
 MaskedEncoder = Literal["mlp", "transformer"]
 MASKED_ENCODERS: tuple[str, ...] = get_args(MaskedEncoder)
 NORMALISED_TOTAL = 1e4
-# seed of the fixed mask of evaluation mode (validation loss): the same genes every epoch
+#: Seed of the fixed mask of evaluation mode (validation loss): the same genes every epoch
 EVAL_MASK_SEED = 1234
 
 

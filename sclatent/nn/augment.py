@@ -43,7 +43,8 @@ def binomial_thinning(counts: torch.Tensor, keep: float, generator: torch.Genera
 
     Returns
     -------
-    Tensor of ``counts``' shape and dtype.
+    torch.Tensor
+        Tensor of ``counts``' shape and dtype.
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"thinning keep fraction must be in (0, 1], got {keep}.")
@@ -93,7 +94,8 @@ def neighbour_mixing(
 
     Returns
     -------
-    ``(mixed (B, G), w (B,))``.
+    tuple of torch.Tensor
+        ``(mixed (B, G), w (B,))``.
     """
     if not 0.0 <= max_weight <= 1.0:
         raise ValueError(f"neighbour mixing weight must be in [0, 1], got {max_weight}.")

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Seed of the fixed augmentations drawn in evaluation mode: the validation loss of an epoch is
-# then a deterministic function of the parameters and comparable across epochs.
+#: Seed of the fixed augmentations drawn in evaluation mode: the validation loss of an epoch is
+#: then a deterministic function of the parameters and comparable across epochs.
 EVALUATION_SEED = 0
 
 
@@ -32,8 +32,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
 
     Returns
     -------
-    ``(2N,)`` per-anchor losses (nats): the views of ``z1`` first, then those of ``z2``. Averaging
-    entries ``n`` and ``n + N`` gives a per-item loss; the mean is SimCLR's objective.
+    torch.Tensor
+        ``(2N,)`` per-anchor losses (nats): the views of ``z1`` first, then those of ``z2``. Averaging
+        entries ``n`` and ``n + N`` gives a per-item loss; the mean is SimCLR's objective.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(

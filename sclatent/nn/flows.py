@@ -179,28 +179,28 @@ POSTERIOR_KINDS = ("normal", "iaf")
 class IAFPosterior(nn.Module):
     """An inverse-autoregressive flow (Kingma et al. 2016) on the Gaussian posterior's sample.
 
-        ``z = f_K o ... o f_1 (z0)``, ``z0 ~ N(m(x), v(x))``, each ``f_k`` pyro's
-        :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`
-        (``y_i = x_i exp(s_i) + t_i`` with ``(t_i, s_i)`` a MADE of ``x_{<i}`` and the cell's context) with a
-        :class:`pyro.nn.ConditionalAutoRegressiveNN`. The IAF direction is the cheap one for a posterior:
-        sampling ``z`` and its ``log |det|`` take one pass; only the (unused in training) inverse is
-        sequential. Each MADE keeps the natural order; consecutive layers reverse the coordinates with a
-        ``flip`` (as :class:`FlowPrior` does; an odd number of flips is undone at the end, so the coordinates
+    ``z = f_K o ... o f_1 (z0)``, ``z0 ~ N(m(x), v(x))``, each ``f_k`` pyro's
+    :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`
+    (``y_i = x_i exp(s_i) + t_i`` with ``(t_i, s_i)`` a MADE of ``x_{<i}`` and the cell's context) with a
+    :class:`pyro.nn.ConditionalAutoRegressiveNN`. The IAF direction is the cheap one for a posterior:
+    sampling ``z`` and its ``log |det|`` take one pass; only the (unused in training) inverse is
+    sequential. Each MADE keeps the natural order; consecutive layers reverse the coordinates with a
+    ``flip`` (as :class:`FlowPrior` does; an odd number of flips is undone at the end, so the coordinates
     of ``z`` keep their meaning), so nothing device-bound lives outside the modules. The last
-        layer of every MADE is zero (``t = s = 0``), so a fresh flow is exactly the identity.
+    layer of every MADE is zero (``t = s = 0``), so a fresh flow is exactly the identity.
 
-        Parameters
-        ----------
-        n_latent
-            Latent dimension ``d``.
-        context_dim
-            Width of the conditioning vector (the VAE passes ``[m(x), log v(x)]``, ``2 d``).
-        n_flows
-            Number of layers ``K``.
-        n_hidden
-            Hidden width of each MADE (one hidden layer).
-        identity_init
-            Zero the MADEs' last layers so the flow starts as the identity.
+    Parameters
+    ----------
+    n_latent
+        Latent dimension ``d``.
+    context_dim
+        Width of the conditioning vector (the VAE passes ``[m(x), log v(x)]``, ``2 d``).
+    n_flows
+        Number of layers ``K``.
+    n_hidden
+        Hidden width of each MADE (one hidden layer).
+    identity_init
+        Zero the MADEs' last layers so the flow starts as the identity.
     """
 
     def __init__(

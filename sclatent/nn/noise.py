@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 NoiseKind = Literal["none", "gaussian", "salt", "masking"]
+#: The corruptions ``kind`` may name.
 NOISE_KINDS: tuple[str, ...] = get_args(NoiseKind)
 
 

@@ -33,7 +33,8 @@ def contractive_penalty(code: torch.Tensor, inputs: torch.Tensor, probe: torch.T
 
     Returns
     -------
-    ``(B,)`` squared norms, in (code units / input units)^2.
+    torch.Tensor
+        ``(B,)`` squared norms, in (code units / input units)^2.
     """
     if not inputs.requires_grad:
         raise ValueError("the contractive penalty needs inputs that require gradients: call requires_grad_() first.")

@@ -57,6 +57,7 @@ from ..data import ArrayBatch
 
 ImageAEKind = Literal["linear", "bottleneck", "sparse", "contractive", "tied", "denoising"]
 ImageAELikelihood = Literal["bernoulli", "gaussian"]
+#: The presets ``kind`` may name.
 IMAGE_AE_KINDS: tuple[str, ...] = get_args(ImageAEKind)
 IMAGE_AE_LIKELIHOODS: tuple[str, ...] = get_args(ImageAELikelihood)
 

@@ -1,7 +1,7 @@
 """A multi-scale RealNVP/Glow flow on dequantised images: exact log-likelihood by change of variables.
 
 ``x`` (grey levels ``k`` of ``K``, dequantised to ``(k + u) / K`` in ``[0, 1)``) is mapped to
-latents by
+latents by::
 
     preprocess -> [squeeze -> K x (actnorm -> 1x1 conv -> affine coupling) -> split] x (L - 1)
                -> squeeze -> K x (actnorm -> 1x1 conv -> affine coupling)
@@ -10,7 +10,7 @@ latents by
 is factored out as a latent ``z_l`` with a prior ``N(mu(h), sigma(h)^2)`` computed by a
 zero-initialised convolution of the half ``h`` that carries on (``learn_prior=True``; a standard
 normal otherwise), and the last level's latent has a learned per-channel Gaussian (or standard
-normal). Then
+normal). Then::
 
     log p(x) = sum_l log p(z_l | h_l) + log |det d(z_1, ..., z_L) / dx|
 

@@ -53,7 +53,7 @@ from ...nn.masking import draw_feature_mask, n_masked_features
 from ..data import ArrayBatch
 from ..nn.conv import ConvEncoder
 
-# seed of the fixed masks of evaluation mode (validation loss): the same patches every epoch
+#: Seed of the fixed masks of evaluation mode (validation loss): the same patches every epoch
 EVAL_MASK_SEED = 1234
 MaskedImageEncoder = Literal["conv", "mlp"]
 MASKED_IMAGE_ENCODERS: tuple[str, ...] = get_args(MaskedImageEncoder)

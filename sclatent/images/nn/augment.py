@@ -174,6 +174,8 @@ def random_affine_matrices(
     like, generator
         Device/dtype of the result and source of randomness.
 
+    Notes
+    -----
     All zero gives the identity ``[[1, 0, 0], [0, 1, 0]]`` exactly.
     """
     if rotation < 0 or translation < 0 or shear < 0:

@@ -36,7 +36,7 @@ def binarise(
 
 
 def dequantise(levels_index: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(k + u) / levels`` with ``u ~ U(0, 1)`` for integer grey levels ``k`` in ``0 .. levels - 1``.
+    """``(k + u) / levels`` with ``u ~ U(0, 1)`` for integer grey levels ``0 <= k < levels``.
 
     Parameters
     ----------
@@ -47,7 +47,8 @@ def dequantise(levels_index: torch.Tensor, levels: int, generator: torch.Generat
 
     Returns
     -------
-    Values in ``[0, 1)``, same shape, float32.
+    torch.Tensor
+        Values in ``[0, 1)``, same shape, float32.
     """
     k = levels_index.to(torch.float32)
     noise = torch.rand(k.shape, generator=generator, device=k.device)

@@ -1,9 +1,9 @@
-"""The image/vector foundation: MNIST and digits loaders, ArrayData, pixel transforms, the ArrayModel
-base (through DigitClassifier), the classifier-based sample-quality metrics and the image grid plot."""
+"""The image/vector foundation: ArrayData, pixel transforms, the ArrayModel base (through
+DigitClassifier), the classifier-based sample-quality metrics and the image grid plot. The MNIST and
+digits loaders are tested in tests/datasets/test_images.py."""
 
 from __future__ import annotations
 
-import gzip
 import math
 from pathlib import Path
 
@@ -13,85 +13,11 @@ import scipy.linalg
 import torch
 
 from sclatent import datasets
-from sclatent.datasets import DatasetUnavailableError, ImageSet
 from sclatent.images import DigitClassifier
 from sclatent.images.data import ArrayData
 from sclatent.images.metrics import classifier_scores, frechet_distance, linear_probe_accuracy
 from sclatent.images.nn.pixels import binarise, bits_per_dim, dequantise
 from sclatent.images.plotting import plot_image_grid
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MNIST_FILES = [
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-]
-
-
-@pytest.fixture(scope="module")
-def mnist_test() -> ImageSet:
-    try:
-        return datasets.mnist("test", SHARED_DATA)
-    except DatasetUnavailableError as err:
-        pytest.skip(f"MNIST not available: {err}")
-
-
-# --- loaders ---------------------------------------------------------------------------------------
-
-
-def test_mnist_shapes_labels_and_class_counts(mnist_test: ImageSet):
-    train = datasets.mnist("train", SHARED_DATA)
-    assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8
-    assert mnist_test.images.shape == (10000, 28, 28) and mnist_test.levels == 256
-    # the published training class counts (shared/data/README.md)
-    expected = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    assert np.bincount(train.labels).tolist() == expected
-    assert train.labels[:5].tolist() == [5, 0, 4, 1, 9]
-    unit = mnist_test.unit()
-    assert unit.dtype == np.float32 and unit.min() == 0.0 and unit.max() == 1.0
-    assert not train.images.flags.writeable  # cached arrays cannot be corrupted by a caller
-
-
-def test_mnist_loader_refuses_a_corrupted_file(mnist_test: ImageSet, tmp_path: Path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in MNIST_FILES[:3]:
-        (raw / name).symlink_to(SHARED_DATA / "MNIST" / "raw" / name)
-    content = bytearray(gzip.decompress((SHARED_DATA / "MNIST" / "raw" / MNIST_FILES[3]).read_bytes()))
-    content[100] = (content[100] + 1) % 10  # one label changed: a valid idx file with the wrong content
-    (raw / MNIST_FILES[3]).write_bytes(gzip.compress(bytes(content)))
-    with pytest.raises(DatasetUnavailableError, match="checksum"):
-        datasets.mnist("test", tmp_path)
-
-
-def test_mnist_split_name_is_checked():
-    with pytest.raises(ValueError, match="split"):
-        datasets.mnist("validation")
-
-
-def test_digits_split_is_stratified_disjoint_and_seeded():
-    full = datasets.digits()
-    train, test = datasets.digits("train"), datasets.digits("test")
-    assert full.images.shape == (1797, 8, 8) and full.levels == 17 and full.images.max() == 16
-    assert len(train) + len(test) == len(full)
-    # stratified: every class keeps ~20% of its images in the test split
-    fractions = np.bincount(test.labels) / np.bincount(full.labels)
-    assert np.all(np.abs(fractions - 0.2) < 0.01)
-    again = datasets.digits("test")
-    np.testing.assert_array_equal(again.images, test.images)
-    other = datasets.digits("test", seed=1)
-    assert not np.array_equal(other.images, test.images)
-
-
-def test_imageset_subset():
-    full = datasets.digits()
-    sub = full.subset(100, seed=3)
-    assert len(sub) == 100 and sub.levels == 17
-    np.testing.assert_array_equal(sub.images, full.subset(100, seed=3).images)
-    threes = full.subset(classes=[3])
-    assert set(threes.labels) == {3} and len(threes) == (full.labels == 3).sum()
-
 
 # --- ArrayData and pixel transforms -----------------------------------------------------------------
 

@@ -15,28 +15,17 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from sclatent.cli import main
 from sclatent.datasets import synthetic
 from sclatent.model import VAE
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small models train fastest on one thread, and much faster on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def pbmc_run(tmp_path_factory, single_thread):
+def pbmc_run(tmp_path_factory):
     """One ``fit-vae`` run on the embedded PBMC default: (return code, output path, stdout, stderr)."""
     out = tmp_path_factory.mktemp("cli") / "pbmc.h5ad"
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -186,21 +175,21 @@ def test_setup_errors_return_2(tmp_path, capsys, extra, expected):
     assert err.startswith("error:") and expected in err
 
 
-def _run_module(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+def _run_module(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     return subprocess.run(
-        [sys.executable, "-m", "sclatent", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "sclatent", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=120
     )
 
 
-def test_module_entry_point_help():
-    result = _run_module("fit-vae", "--help")
+def test_module_entry_point_help(repo):
+    result = _run_module(repo, "fit-vae", "--help")
     assert result.returncode == 0, result.stderr
     assert "--out" in result.stdout and "--max-epochs" in result.stdout
 
 
-def test_module_entry_point_needs_a_command():
-    result = _run_module()
+def test_module_entry_point_needs_a_command(repo):
+    result = _run_module(repo)
     assert result.returncode == 2
     assert "fit-vae" in result.stderr
 
@@ -209,7 +198,7 @@ def test_module_entry_point_needs_a_command():
 
 
 @pytest.fixture(scope="module")
-def dae_run(tmp_path_factory, single_thread):
+def dae_run(tmp_path_factory):
     """One ``fit-dae`` run on the embedded PBMC default."""
     out = tmp_path_factory.mktemp("cli_dae") / "pbmc_dae.h5ad"
     stdout = io.StringIO()

@@ -253,6 +253,7 @@ def test_errors():
         labels_per_class(np.array([0, 0, 1]), 2)
 
 
+@pytest.mark.needs_data("MNIST")
 def test_mnist_subset_trains():
     try:
         train = sclatent.datasets.mnist("train").subset(256, seed=0)

@@ -29,10 +29,6 @@ from sclatent.data import CellData, setup_anndata
 from sclatent.nn import SparseLinear, SparseRows
 from sclatent.optim import FlatAdam
 
-REPO = Path(__file__).resolve().parents[1]
-
-needs_native = pytest.mark.skipif(_native.library() is None, reason=f"no native kernels: {_native.native_status()}")
-
 
 def test_native_library_loads_on_linux_with_a_compiler():
     """CI must notice when the C build breaks: everything else here would silently skip."""
@@ -126,7 +122,7 @@ def _backward_name(out: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- native likelihood
 
 
-@needs_native
+@pytest.mark.needs_native
 @pytest.mark.parametrize("row_ptr", ["given", "shuffled"])
 @pytest.mark.parametrize("theta_shape", ["1G", "BG"])
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
@@ -150,7 +146,7 @@ def test_native_likelihood_matches_reference(likelihood, theta_shape, row_ptr):
         _assert_gradient_close(a, b, name)
 
 
-@needs_native
+@pytest.mark.needs_native
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
 def test_native_likelihood_lgamma_path_entrywise(likelihood):
     """Counts past the small-integer sums (> 8 or non-integer) with moderate per-cell dispersions and a
@@ -187,7 +183,7 @@ def test_native_likelihood_lgamma_path_entrywise(likelihood):
         assert error < 5e-4, f"{name}: entrywise relative error {error:.3g}"
 
 
-@needs_native
+@pytest.mark.needs_native
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
 def test_native_likelihood_with_several_threads(likelihood):
     """Rows are split across OpenMP threads, each with its own scratch rows: same result as one thread
@@ -211,7 +207,7 @@ def test_native_likelihood_with_several_threads(likelihood):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_native_likelihood_accepts_int32_indices():
     """count_log_likelihood takes any integer index tensors; so must the native path (it reads int64)."""
     logits, log_library, log_theta, zi, x = _likelihood_inputs("1G")
@@ -222,7 +218,7 @@ def test_native_likelihood_accepts_int32_indices():
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-@needs_native
+@pytest.mark.needs_native
 @pytest.mark.parametrize("likelihood", ["zinb", "nb"])
 def test_native_likelihood_without_grad_gives_the_same_values(likelihood):
     logits, log_library, log_theta, zi, x = _likelihood_inputs("1G")
@@ -240,7 +236,7 @@ def test_native_likelihood_without_grad_gives_the_same_values(likelihood):
     torch.testing.assert_close(plain, with_grad.detach(), rtol=1e-6, atol=0)
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_native_likelihood_gradient_for_some_inputs_only():
     """A fixed library size and dispersion (no grad) still give the logits' and zi's gradients."""
     logits, log_library, log_theta, zi, x = _likelihood_inputs("1G")
@@ -255,7 +251,7 @@ def test_native_likelihood_gradient_for_some_inputs_only():
         _assert_gradient_close(a, b, name)
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_native_dispersion_gradient_when_theta_exceeds_mu():
     """Genes close to Poisson (theta ~ 1e3, mu ~ 0.1..20): the regime a trained model reaches for many genes."""
     B, G = 4, 64
@@ -277,7 +273,7 @@ def test_native_dispersion_gradient_when_theta_exceeds_mu():
     _assert_gradient_close(grad, expected, "log_theta")
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_native_likelihood_backward_twice_with_retain_graph():
     logits, log_library, log_theta, zi, x = _likelihood_inputs("1G")
     r, c, v, _ = _nonzeros(x, shuffled=False)
@@ -291,7 +287,7 @@ def test_native_likelihood_backward_twice_with_retain_graph():
 # ----------------------------------------------------------------------------- fused decoder heads
 
 
-@needs_native
+@pytest.mark.needs_native
 @pytest.mark.parametrize("theta_shape", ["1G", "BG"])
 def test_fused_heads_pass_the_decoder_output_without_copy(theta_shape):
     logits0, log_library, log_theta, zi0, x = _likelihood_inputs(theta_shape)
@@ -314,7 +310,7 @@ def test_fused_heads_pass_the_decoder_output_without_copy(theta_shape):
     assert grads[0][:, G:].abs().max() > 0
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_non_adjacent_heads_are_concatenated_with_correct_gradients():
     logits0, log_library, log_theta, zi0, x = _likelihood_inputs("1G")
     B, G = logits0.shape
@@ -339,7 +335,7 @@ def test_non_adjacent_heads_are_concatenated_with_correct_gradients():
         _assert_gradient_close(grad, expected, "heads")
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_nb_logits_with_a_row_stride():
     """NB logits as a column slice of a wider matrix (row stride != G) are read in place, correctly."""
     logits0, log_library, log_theta, _, x = _likelihood_inputs("1G")
@@ -357,7 +353,7 @@ def test_nb_logits_with_a_row_stride():
     assert torch.equal(grad[:, G:], torch.zeros(B, 5))
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_heads_of_a_base_with_other_grad_requirements_are_not_fused():
     """Views whose requires_grad differs from their base's must not be swapped for the base: the
     gradient would miss the views (base without grad) or leak into the base (views made under no_grad)."""
@@ -418,7 +414,7 @@ def _zinb_fallback_check():
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a, b)
 
 
-def test_native_disabled_by_environment_variable():
+def test_native_disabled_by_environment_variable(repo):
     """A fresh process (the library is loaded once per process) with SCLATENT_NATIVE=0: every fast path
     falls back to torch and still computes the right thing."""
     code = f"""
@@ -432,7 +428,7 @@ def test_native_disabled_by_environment_variable():
         assert _native.library() is None
         print(_native.native_status())
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_native import _zinb_fallback_check
+        from test_kernels import _zinb_fallback_check
         _zinb_fallback_check()
         counts = np.random.default_rng(0).poisson(1.0, (11, 6)).astype(np.float32)
         counts[:, 0] += 1
@@ -448,9 +444,9 @@ def test_native_disabled_by_environment_variable():
         torch.testing.assert_close(out, mb.counts @ layer.weight + layer.bias)
         print("fallbacks ok")
         """
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SCLATENT_NATIVE": "0"}
+    environment = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "SCLATENT_NATIVE": "0"}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=environment, cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-c", textwrap.dedent(code)], env=environment, cwd=repo, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SCLATENT_NATIVE" in result.stdout and "fallbacks ok" in result.stdout
@@ -489,7 +485,7 @@ def _sparse_input(B: int = 9, n_in: int = 30, seed: int = 0):
     return dense, SparseRows.from_coordinates(r, c, dense[r, c], B, n_in)
 
 
-@needs_native
+@pytest.mark.needs_native
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("n_out", [19, 5])
@@ -535,7 +531,7 @@ def test_sparse_linear_dense_fallback_for_float64():
     torch.testing.assert_close(layer.weight.grad, dense.double().sum(0)[:, None].expand(-1, 6))
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_sparse_linear_accepts_int32_columns():
     dense, rows = _sparse_input()
     layer = SparseLinear(dense.shape[1], 7)
@@ -736,7 +732,7 @@ def test_select_rows_equals_gathering_the_rows(counts_data):
             assert part.counts.shape == (end - begin, N_GENES)
 
 
-@needs_native
+@pytest.mark.needs_native
 def test_iterated_batches_feed_the_native_likelihood(counts_data):
     """The loader's CSR row pointer is what the native kernel reads: right values, and the same as
     letting the likelihood sort the nonzeros and build the pointer itself."""

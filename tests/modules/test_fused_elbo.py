@@ -13,12 +13,11 @@ import pytest
 import torch
 
 import sclatent
-from sclatent import _native
 from sclatent.data import CellData, setup_anndata
 from sclatent.modules import VAEModule
 from sclatent.modules.fused_elbo import applies, fused_loss, fused_spec
 
-pytestmark = pytest.mark.skipif(_native.library() is None, reason=f"no native kernels: {_native.native_status()}")
+pytestmark = pytest.mark.needs_native
 
 
 @pytest.fixture(autouse=True)

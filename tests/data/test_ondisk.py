@@ -19,30 +19,15 @@ from sclatent.model import VAE
 TINY = dict(n_latent=3, n_hidden=16, seed=0)
 
 
-def _adata(n_cells=240, n_genes=30, seed=0) -> ad.AnnData:
-    adata = sclatent.datasets.synthetic(n_cells=n_cells, n_genes=n_genes, n_batches=2, seed=seed)
-    del adata.layers["true_mean"]  # dense: read_backed leaves dense layers out
-    adata.X = sp.csr_matrix(adata.X)
-    return adata
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, csr_adata):
     folder = tmp_path_factory.mktemp("ondisk")
-    adata = _adata()
+    adata = csr_adata()
     adata.write_h5ad(folder / "cells.h5ad")
     with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata")  # zarr's note on v3 stores
         adata.write_zarr(folder / "cells.zarr")
     return adata, folder
-
-
-@pytest.fixture
-def small_buffers(monkeypatch):
-    """Buffers of 8 x 4 cells, so that a 240-cell pass reads many of them; always stream."""
-    monkeypatch.setattr(ondisk_settings, "block_size", 8)
-    monkeypatch.setattr(ondisk_settings, "fetch_factor", 4)
-    monkeypatch.setattr(ondisk_settings, "in_memory_max_bytes", 0)
 
 
 def _open(folder, fmt):
@@ -137,10 +122,10 @@ def test_minibatches_equal_in_memory_gather(files, small_buffers):
     assert torch.equal(neighbour.counts, in_memory.gather(torch.tensor([5, 3, 5, 200])).counts)
 
 
-def test_memory_stays_bounded(tmp_path, monkeypatch):
+def test_memory_stays_bounded(tmp_path, monkeypatch, csr_adata):
     monkeypatch.setattr(ondisk_settings, "block_size", 16)
     monkeypatch.setattr(ondisk_settings, "fetch_factor", 4)
-    adata = _adata(n_cells=3000, n_genes=200, seed=2)
+    adata = csr_adata(n_cells=3000, n_genes=200, seed=2)
     adata.write_h5ad(tmp_path / "big.h5ad")
     backed = ad.read_h5ad(tmp_path / "big.h5ad", backed="r")
     VAE.setup_anndata(backed)

@@ -27,14 +27,6 @@ TRAIN = dict(accelerator="cpu", progress_bar=False)
 FLOW_PRIORS = ("planar", "realnvp")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _randomise(flow: FlowPrior, scale: float = 0.3) -> FlowPrior:
     """Move every layer away from the identity (the default initialisation), reproducibly."""
     generator = torch.Generator().manual_seed(0)
@@ -51,7 +43,7 @@ def _clusters_ari(model: VAE, adata: ad.AnnData) -> float:
 
 
 @pytest.fixture(scope="module")
-def clusters(single_thread):
+def clusters():
     """Simulated counts: 4 well-separated types, one batch, 400 cells x 200 genes."""
     adata = synthetic(n_cells=400, n_genes=200, n_clusters=4, n_batches=1, seed=0)
     VAE.setup_anndata(adata)

@@ -1,9 +1,10 @@
-"""Tests for the contrastive family: augmentations, NT-Xent, kNN neighbours, ContrastiveModel, CLI.
+"""Tests for the contrastive family: augmentations, NT-Xent, ContrastiveModel, CLI.
 
 Covers each augmentation's documented rate (measured), NT-Xent against a direct loop and its
-minimum when views coincide, the neighbour table and minibatches, cluster recovery on simulated
-data, persistence, reproducibility, input validation and ``sclatent fit-contrastive``. Models are
-tiny so the file runs in well under a minute at one thread.
+minimum when views coincide, cluster recovery on simulated data, persistence, reproducibility,
+input validation and ``sclatent fit-contrastive``. The kNN neighbour table and its minibatches
+(sclatent.data.neighbours) are tested in tests/data/test_neighbours.py. Models are tiny so the
+file runs in well under a minute at one thread.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 
 from sclatent.cli import main
 from sclatent.data import CellData, SetupError, get_registry
-from sclatent.data.neighbours import NeighbourData, knn_table
 from sclatent.datasets import synthetic
 from sclatent.metrics import leiden_scores
 from sclatent.model import ContrastiveModel
@@ -220,43 +220,6 @@ def test_nt_xent_rejects_bad_input():
 def test_projection_head_is_generic():
     head = ProjectionHead(7, n_out=3, n_hidden=11)
     assert head(torch.randn(5, 7)).shape == (5, 3)
-
-
-# --------------------------------------------------------------------------- neighbours
-
-
-def test_knn_table_finds_reference_neighbours_in_the_same_cluster():
-    adata = _clusters(n_cells=200, n_genes=200)
-    reference = np.arange(0, 200, 2)  # half the cells may be drawn as neighbours
-    table = knn_table(adata.X, reference, n_neighbors=5)
-    assert table.shape == (200, 5) and table.dtype == np.int64
-    assert np.isin(table, reference).all()
-    assert not (table == np.arange(200)[:, None]).any()  # never oneself
-    labels = adata.obs["cell_type"].to_numpy()
-    # neighbours share the cell's type far above chance (0.25 for 4 equal types); measured 0.97
-    # (0.90 with 100 genes, where 50 PCs of 100 noisy genes blur the distances)
-    assert (labels[table] == labels[:, None]).mean() > 0.9
-
-
-def test_neighbour_minibatches_carry_one_table_neighbour_per_cell():
-    adata = _clusters(n_cells=60, n_genes=20)
-    ContrastiveModel.setup_anndata(adata)
-    data = CellData(adata, get_registry(adata))
-    table = knn_table(adata.X, np.arange(60), n_neighbors=4)
-    wrapped = NeighbourData(data, table)
-    cells = np.arange(60)
-    batches = list(wrapped.iterate(cells, 16, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    again = list(wrapped.iterate(cells, 16, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    for batch, repeat in zip(batches, again, strict=True):
-        rows, picked = batch.cell_index.numpy(), batch.neighbour.cell_index.numpy()
-        assert batch.neighbour.size == batch.size
-        assert all(p in table[r] for r, p in zip(rows, picked, strict=True))
-        assert torch.equal(batch.neighbour.counts, torch.as_tensor(adata.X[picked].toarray()))
-        assert np.array_equal(picked, repeat.neighbour.cell_index.numpy())  # seeded
-    # the plain CellData is unchanged: its minibatches carry no neighbour
-    assert next(data.iterate(cells, 16)).neighbour is None
-    with pytest.raises(ValueError, match="neighbour table must be"):
-        NeighbourData(data, table[:10])
 
 
 # --------------------------------------------------------------------------- the module

@@ -17,16 +17,14 @@ import scipy.sparse as sp
 from sclatent import datasets
 from sclatent.datasets import DatasetUnavailableError, fetch_file
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MNIST_LABELS = "MNIST/raw/t10k-labels-idx1-ubyte.gz"
 
 
 @pytest.fixture
-def shared_data(monkeypatch: pytest.MonkeyPatch) -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} does not exist")
-    monkeypatch.setenv("SCLATENT_DATA_DIR", str(SHARED_DATA))
-    return SHARED_DATA
+def shared_data(shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shared data folder (tests/conftest.py), with SCLATENT_DATA_DIR pointing at it."""
+    monkeypatch.setenv("SCLATENT_DATA_DIR", str(shared_data_dir))
+    return shared_data_dir
 
 
 @pytest.fixture
@@ -155,6 +153,7 @@ def test_unknown_file_is_a_key_error(empty_data_dir: Path):
 # --- file-backed loaders (shared data) ------------------------------------------------------------
 
 
+@pytest.mark.needs_data("pbmc3k")
 def test_pbmc3k(shared_data: Path):
     adata = datasets.pbmc3k()
     assert adata.shape == (2700, 32738)
@@ -165,6 +164,7 @@ def test_pbmc3k(shared_data: Path):
     assert "gene_ids" in adata.var
 
 
+@pytest.mark.needs_data("mouse_brain_10k_chr1")
 def test_mouse_brain_10k_chr1(shared_data: Path):
     adata = datasets.mouse_brain_10k_chr1()
     assert adata.shape == (10000, 1000)
@@ -172,6 +172,7 @@ def test_mouse_brain_10k_chr1(shared_data: Path):
     assert (np.asarray(adata.X.sum(axis=1)).ravel() == 0).any()
 
 
+@pytest.mark.needs_data("cellbench_5cl")
 def test_cellbench_5cl(shared_data: Path):
     adata = datasets.cellbench_5cl(data_dir=shared_data)
     assert adata.shape == (909, 16039)
@@ -181,6 +182,7 @@ def test_cellbench_5cl(shared_data: Path):
     assert "demuxlet_cls" in adata.obs
 
 
+@pytest.mark.needs_data("MNIST")
 def test_mnist_files(shared_data: Path):
     files = datasets.mnist_files()
     assert set(files) == {"train_images", "train_labels", "test_images", "test_labels"}
@@ -189,6 +191,7 @@ def test_mnist_files(shared_data: Path):
     assert int.from_bytes(raw[4:8], "big") == 10000
 
 
+@pytest.mark.needs_data("MNIST")
 def test_recompressed_mnist_is_accepted(shared_data: Path, empty_data_dir: Path):
     target = empty_data_dir / MNIST_LABELS
     target.parent.mkdir(parents=True)
@@ -199,6 +202,7 @@ def test_recompressed_mnist_is_accepted(shared_data: Path, empty_data_dir: Path)
     assert fetch_file("mnist", MNIST_LABELS) == target
 
 
+@pytest.mark.needs_data("MNIST")
 def test_download_is_verified_and_placed(shared_data: Path, empty_data_dir: Path, monkeypatch: pytest.MonkeyPatch):
     payload = (shared_data / MNIST_LABELS).read_bytes()
     seen = []
@@ -269,6 +273,7 @@ def test_bad_download_is_not_kept(empty_data_dir: Path, monkeypatch: pytest.Monk
     assert not any(p.is_file() for p in empty_data_dir.rglob("*"))
 
 
+@pytest.mark.needs_data("pbmc3k")
 def test_shared_copy_is_not_written_to(shared_data: Path):
     # Verification is cached in memory only: the (read-only) data folder must stay untouched.
     before = sorted(p.relative_to(shared_data) for p in shared_data.rglob("*"))
@@ -277,6 +282,7 @@ def test_shared_copy_is_not_written_to(shared_data: Path):
     assert sorted(p.relative_to(shared_data) for p in shared_data.rglob("*")) == before
 
 
+@pytest.mark.needs_data("MNIST")
 def test_changed_file_is_verified_again(shared_data: Path, empty_data_dir: Path):
     # The in-memory cache is keyed by mtime and size, so a file replaced after a successful check is re-checked.
     target = empty_data_dir / MNIST_LABELS

@@ -12,7 +12,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 import sclatent
@@ -28,29 +27,12 @@ DATA_PACKAGE = Path(sclatent.data.__file__).parent
 TINY = dict(n_latent=3, n_hidden=16, seed=0)
 
 
-def _adata(n_cells=240, n_genes=30, seed=0) -> ad.AnnData:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        adata = sclatent.datasets.synthetic(n_cells=n_cells, n_genes=n_genes, n_batches=2, seed=seed)
-    del adata.layers["true_mean"]  # dense
-    adata.X = sp.csr_matrix(adata.X)
-    return adata
-
-
 @pytest.fixture(scope="module")
-def h5ad(tmp_path_factory):
-    adata = _adata()
+def h5ad(tmp_path_factory, csr_adata):
+    adata = csr_adata()
     path = tmp_path_factory.mktemp("layer") / "cells.h5ad"
     adata.write_h5ad(path)
     return adata, path
-
-
-@pytest.fixture
-def streaming(monkeypatch):
-    """Every backed matrix is streamed (OnDiskCellData), in small buffers; restored afterwards."""
-    monkeypatch.setattr(ondisk_settings, "in_memory_max_bytes", 0)
-    monkeypatch.setattr(ondisk_settings, "block_size", 8)
-    monkeypatch.setattr(ondisk_settings, "fetch_factor", 4)
 
 
 # ----------------------------------------------------------------------------- layering
@@ -176,7 +158,7 @@ def test_from_csr_is_the_constructor_s_path(h5ad):
     assert rebuilt.source is None and data.source is not None
 
 
-def test_on_disk_buffers_are_cells_made_by_from_csr(h5ad, streaming, monkeypatch):
+def test_on_disk_buffers_are_cells_made_by_from_csr(h5ad, small_buffers, monkeypatch):
     _, path = h5ad
     backed = ad.read_h5ad(path, backed="r")
     registry = setup_anndata(backed, batch_key="batch")
@@ -198,7 +180,7 @@ def test_on_disk_buffers_are_cells_made_by_from_csr(h5ad, streaming, monkeypatch
     assert type(loaded) is CellData and loaded.storage_note == "loaded from disk into memory"
 
 
-def test_with_labels_is_a_relabelled_shallow_copy(h5ad, streaming):
+def test_with_labels_is_a_relabelled_shallow_copy(h5ad, small_buffers):
     adata, path = h5ad
     memory = adata.copy()
     backed = ad.read_h5ad(path, backed="r")
@@ -233,7 +215,7 @@ def test_library_log_prior_is_the_model_s(h5ad):
 # ----------------------------------------------------------------------------- what models use
 
 
-def test_fine_tune_streams_a_backed_anndata(h5ad, streaming):
+def test_fine_tune_streams_a_backed_anndata(h5ad, small_buffers):
     adata, path = h5ad
     backed = ad.read_h5ad(path, backed="r")
     masked = sclatent.model.MaskedGeneModel
@@ -266,7 +248,7 @@ def test_streamed_knn_table_finds_the_in_memory_neighbours(h5ad):
     assert purity[0] > purity[1] - 0.05, purity  # neighbours as often in the same cluster
 
 
-def test_contrastive_model_streams_its_knn_table(h5ad, streaming, monkeypatch, caplog):
+def test_contrastive_model_streams_its_knn_table(h5ad, small_buffers, monkeypatch, caplog):
     """Streamed cells give a streamed kNN table: the matrix is never read whole, and no warning says so."""
     _, path = h5ad
     backed = ad.read_h5ad(path, backed="r")

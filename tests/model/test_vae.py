@@ -45,18 +45,8 @@ def _comparable(history: dict[str, list[float]]) -> dict[str, list[float]]:
     return {k: v for k, v in history.items() if k != "seconds"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one intra-op thread is fastest, and on a busy 2-core machine OpenMP's spinning
-    threads make the default (all cores) dozens of times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def trained(single_thread):
+def trained():
     """(adata, model): 600 cells x 200 genes, 4 well-separated types, one batch, 40 epochs."""
     adata = synthetic(n_cells=600, n_genes=200, n_clusters=4, n_batches=1, seed=0)
     VAE.setup_anndata(adata)
@@ -66,7 +56,7 @@ def trained(single_thread):
 
 
 @pytest.fixture(scope="module")
-def small_model(single_thread):
+def small_model():
     """(adata, model) with batch and labels registered, trained briefly; use read-only."""
     adata = _small()
     VAE.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
