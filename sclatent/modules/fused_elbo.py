@@ -136,14 +136,21 @@ def _cached_structure(module) -> _Spec | None:
 
 
 def applies(module) -> bool:
-    """Whether the fused pass can train ``module`` (a :class:`~sclatent.modules.VAEModule`) as it is now: its
+    """Whether the fused pass can train ``module`` (a :class:`VAEModule`) as it is now: its
     configuration (see the module docstring), its parameters on the CPU in float32, the native
     kernels available (:func:`sclatent._native.kernels`) and the pass not switched off
     (``SCLATENT_FUSED=0``). The trainer asks once, through ``module.supports_direct_gradients()``."""
+    return _applicable_spec(module) is not None
+
+
+def _applicable_spec(module) -> _Spec | None:
     if not _enabled():
-        return False
+        return None
     spec = _cached_structure(module)
-    return spec is not None and spec.out_weight.device.type == "cpu" and spec.out_weight.dtype == torch.float32
+    if spec is None or spec.out_weight.device.type != "cpu" or spec.out_weight.dtype != torch.float32:
+        return None
+    # (a module moved to another device or dtype moves every parameter; checking one is enough)
+    return spec
 
 
 def fused_spec(module, batch: MiniBatch) -> _Spec | None:
@@ -152,10 +159,9 @@ def fused_spec(module, batch: MiniBatch) -> _Spec | None:
     continuous covariates)."""
     if not (module.training and torch.is_grad_enabled() and batch.size >= 2):
         return None
-    if batch.continuous_covariates.shape[-1] or batch.nz_val.device.type != "cpu" or not applies(module):
+    if batch.continuous_covariates.shape[-1] or batch.nz_val.device.type != "cpu":
         return None
-    # (a module moved to another device or dtype moves every parameter; applies() checked one)
-    return _cached_structure(module)
+    return _applicable_spec(module)
 
 
 def _structure(module) -> _Spec | None:
