@@ -30,7 +30,7 @@ import torch
 from .. import _native
 from ..contracts import TrainingData, checked_batch_sizes, index_tensor
 from ._counts import CountSource
-from .registry import Registry, count_source, encode_categorical, encode_continuous
+from .registry import Registry, count_source, encode_categorical, encode_continuous, encode_labels
 
 __all__ = [
     "CellCodes",
@@ -81,6 +81,10 @@ class MiniBatch:
         Optional minibatch of one neighbour per cell (row ``b`` is cell ``b``'s), attached by a
         wrapper such as :class:`sclatent.data.neighbours.NeighbourData` for models that mix a cell
         with a neighbour; None otherwise (and after :meth:`select_rows`).
+    labelled
+        Optional minibatch of labelled cells drawn alongside this one, attached in training by
+        :class:`sclatent.data.labelled.LabelledData` for semi-supervised models (their classifier
+        sees labels in every step however rare labels are); None otherwise.
     """
 
     nz_row: torch.Tensor
@@ -96,6 +100,7 @@ class MiniBatch:
     continuous_covariates: torch.Tensor
     cell_index: torch.Tensor
     neighbour: MiniBatch | None = None
+    labelled: MiniBatch | None = None
 
     @property
     def size(self) -> int:
@@ -189,10 +194,8 @@ def obs_codes(adata: ad.AnnData, registry: Registry, device: torch.device) -> Ce
         if registry.batch_key
         else zeros
     )
-    has_labels = registry.labels_key and registry.labels_key in adata.obs.columns
-    label_index = (
-        encode_categorical(adata, registry.labels_key, registry.label_categories, "labels_key") if has_labels else zeros
-    )
+    has_labels = registry.labels_key and (registry.partial_labels or registry.labels_key in adata.obs.columns)
+    label_index = encode_labels(adata, registry) if has_labels else zeros
     cats = [
         encode_categorical(adata, k, registry.categorical_covariate_categories[k], "categorical_covariate_keys")
         for k in registry.categorical_covariate_keys

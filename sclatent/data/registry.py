@@ -26,6 +26,7 @@ from ._counts import CountSource, SetupError, check_counts, get_count_matrix
 __all__ = [
     "REGISTRY_KEY",
     "REGISTRY_VERSION",
+    "UNLABELLED",
     "CountSource",
     "Registry",
     "SetupError",
@@ -33,6 +34,7 @@ __all__ = [
     "count_source",
     "encode_categorical",
     "encode_continuous",
+    "encode_labels",
     "gene_order_for_query",
     "get_count_matrix",
     "get_registry",
@@ -64,6 +66,10 @@ class Registry:
     allow_non_integer: bool = False
     n_cells: int = 0
     n_empty_cells: int = 0
+    #: The labels are a target known for some cells only (semi-supervised models): cells whose label
+    #: is NaN or ``unlabeled_category`` are unlabelled (code -1), and query data may lack the column.
+    partial_labels: bool = False
+    unlabeled_category: str | None = None
     version: int = REGISTRY_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -103,6 +109,8 @@ class Registry:
             parts.append(f"batch_key={self.batch_key!r} ({len(self.batch_categories)} batches)")
         if self.labels_key:
             parts.append(f"labels_key={self.labels_key!r} ({len(self.label_categories)} labels)")
+            if self.partial_labels:
+                parts[-1] = parts[-1][:-1] + f", unlabelled: {self.unlabeled_category!r} or NaN)"
         if self.categorical_covariate_keys:
             parts.append(f"categorical covariates {self.categorical_covariate_keys}")
         if self.continuous_covariate_keys:
@@ -156,6 +164,61 @@ def encode_categorical(adata: ad.AnnData, key: str, categories: list[str], role:
     return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=values.size)
 
 
+#: The label code of an unlabelled cell (registries with ``partial_labels``).
+UNLABELLED = -1
+
+
+def _is_unlabelled(column: pd.Series, unlabeled_category: str | None) -> np.ndarray:
+    missing = column.isna().to_numpy()
+    if unlabeled_category is None:
+        return missing
+    return missing | (column.astype(str).to_numpy() == str(unlabeled_category))
+
+
+def _partial_label_categories(adata: ad.AnnData, key: str, unlabeled_category: str | None) -> list[str]:
+    """The label categories of the labelled cells (NaN and ``unlabeled_category`` left out)."""
+    if key not in adata.obs.columns:
+        raise SetupError(
+            f"labels_key column {key!r} not found in adata.obs (columns: {list(adata.obs.columns)}). "
+            "Pass an existing column name as labels_key."
+        )
+    column = adata.obs[key]
+    labelled = ~_is_unlabelled(column, unlabeled_category)
+    present = set(column[labelled].astype(str))
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return [str(c) for c in column.cat.categories if str(c) in present]
+    return sorted(present)
+
+
+def encode_labels(adata: ad.AnnData, registry: Registry) -> np.ndarray:
+    """``(n_cells,)`` int64 label codes of ``adata`` in the registry's order.
+
+    For a registry with ``partial_labels``, unlabelled cells (NaN, ``unlabeled_category``, or every
+    cell when the column is absent, as in query data) get :data:`UNLABELLED`, and a label the
+    registry does not know is an error naming it; otherwise as :func:`encode_categorical`.
+    """
+    if not registry.partial_labels:
+        return encode_categorical(adata, registry.labels_key, registry.label_categories, "labels_key")
+    codes = np.full(adata.n_obs, UNLABELLED, dtype=np.int64)
+    if registry.labels_key not in adata.obs.columns:
+        return codes
+    column = adata.obs[registry.labels_key]
+    labelled = ~_is_unlabelled(column, registry.unlabeled_category)
+    values = column.astype(str).to_numpy()
+    lookup = {c: i for i, c in enumerate(registry.label_categories)}
+    unknown = sorted(set(values[labelled]) - lookup.keys())
+    if unknown:
+        raise SetupError(
+            f"adata.obs[{registry.labels_key!r}] has labels the model does not know: {unknown[:10]}"
+            f"{' ...' if len(unknown) > 10 else ''} (known: {registry.label_categories[:10]}"
+            f"{' ...' if len(registry.label_categories) > 10 else ''}). A model cannot learn a label from query "
+            f"cells: set those cells to {registry.unlabeled_category!r} (or NaN) to map them as unlabelled cells, "
+            "or add labelled examples to the reference and train it again."
+        )
+    codes[labelled] = [lookup[v] for v in values[labelled]]
+    return codes
+
+
 def encode_continuous(adata: ad.AnnData, keys: list[str]) -> np.ndarray:
     """``(n_cells, len(keys))`` float32 continuous covariates, checked finite."""
     columns = []
@@ -185,6 +248,8 @@ def setup_anndata(
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
     allow_non_integer: bool = False,
+    partial_labels: bool = False,
+    unlabeled_category: str | None = None,
 ) -> Registry:
     """Validate ``adata`` and store a registry on ``adata.uns[REGISTRY_KEY]``.
 
@@ -200,6 +265,9 @@ def setup_anndata(
         Further obs columns injected into the networks.
     allow_non_integer
         Accept fractional values (errors by default, since count models expect integers).
+    partial_labels, unlabeled_category
+        The labels are a target known for some cells only (semi-supervised models): cells whose
+        label is NaN or ``unlabeled_category`` are unlabelled and left out of the label categories.
 
     Returns
     -------
@@ -249,7 +317,13 @@ def setup_anndata(
         batch_key=batch_key,
         batch_categories=_categories(adata, batch_key, "batch_key") if batch_key else [],
         labels_key=labels_key,
-        label_categories=_categories(adata, labels_key, "labels_key") if labels_key else [],
+        label_categories=(
+            []
+            if not labels_key
+            else _partial_label_categories(adata, labels_key, unlabeled_category)
+            if partial_labels
+            else _categories(adata, labels_key, "labels_key")
+        ),
         categorical_covariate_keys=categorical_covariate_keys,
         categorical_covariate_categories={
             k: _categories(adata, k, "categorical_covariate_keys") for k in categorical_covariate_keys
@@ -259,6 +333,8 @@ def setup_anndata(
         allow_non_integer=allow_non_integer,
         n_cells=int(adata.n_obs),
         n_empty_cells=n_empty,
+        partial_labels=bool(partial_labels),
+        unlabeled_category=None if unlabeled_category is None else str(unlabeled_category),
     )
     encode_continuous(adata, continuous_covariate_keys)  # validates the columns
     adata.uns[REGISTRY_KEY] = registry.to_json()

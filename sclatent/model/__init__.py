@@ -5,6 +5,15 @@ from .autoencoder import DenoisingAE
 from .contrastive import ContrastiveModel
 from .gan import CellGAN
 from .masked import MaskedGeneModel
+from .ssvae import SemiSupervisedVAE
 from .vae import VAE
 
-__all__ = ["VAE", "BaseModel", "CellGAN", "ContrastiveModel", "DenoisingAE", "MaskedGeneModel"]
+__all__ = [
+    "VAE",
+    "BaseModel",
+    "CellGAN",
+    "ContrastiveModel",
+    "DenoisingAE",
+    "MaskedGeneModel",
+    "SemiSupervisedVAE",
+]

@@ -9,6 +9,7 @@ from .autoencoder import AutoencoderModule, DenoisingAEHyperparameters
 from .contrastive import ContrastiveHyperparameters, ContrastiveModule
 from .gan import CellGANHyperparameters, GANModule
 from .masked import MaskedGeneModelHyperparameters, MaskedGeneModule
+from .ssvae import SemiSupervisedVAEHyperparameters, SemiSupervisedVAEModule
 from .vae import VAEHyperparameters, VAEModule
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "LossOutput",
     "MaskedGeneModelHyperparameters",
     "MaskedGeneModule",
+    "SemiSupervisedVAEHyperparameters",
+    "SemiSupervisedVAEModule",
     "VAEHyperparameters",
     "VAEModule",
 ]

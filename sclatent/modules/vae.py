@@ -51,9 +51,10 @@ DISPERSIONS, PRIORS, POSTERIORS = get_args(Dispersion), get_args(Prior), get_arg
 
 
 @dataclass(frozen=True)
-class VAEHyperparameters(Hyperparameters):
-    """The count VAE's hyperparameters, declared once: read by :class:`VAEModule`,
-    :class:`sclatent.model.VAE` and the ``fit-vae`` / ``fit-flow`` commands."""
+class CountVAEHyperparameters(Hyperparameters):
+    """What every count VAE shares (encoder, decoder, likelihood, covariates): the base of
+    :class:`VAEHyperparameters` and of the semi-supervised VAE's
+    (:class:`sclatent.modules.ssvae.SemiSupervisedVAEHyperparameters`)."""
 
     family: ClassVar[str] = "VAE"
 
@@ -70,6 +71,15 @@ class VAEHyperparameters(Hyperparameters):
     )
     encode_covariates: bool = setting(True, "Condition the encoder on batch and covariates (the decoder always is).")
     inject_covariates: bool = setting(True, "Feed covariates into every hidden layer, not only the first.")
+
+
+@dataclass(frozen=True)
+class VAEHyperparameters(CountVAEHyperparameters):
+    """The count VAE's hyperparameters, declared once: read by :class:`VAEModule`,
+    :class:`sclatent.model.VAE` and the ``fit-vae`` / ``fit-flow`` commands."""
+
+    family: ClassVar[str] = "VAE"
+
     prior: Prior = setting(
         "normal", "Prior of z: N(0, I) or a learned normalizing flow (planar layers or affine couplings)."
     )
@@ -320,12 +330,10 @@ class VAEModule(Module):
 
     # -------------------------------------------------------------------- objectives
 
-    def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
-        """Negative ELBO per cell, with the KL of z scaled by ``kl_weight`` in ``loss``: the autograd
-        reference (the fused pass of :meth:`loss_and_gradients` is tested equal to it)."""
-        inf = self.inference(batch)
+    def reconstruction_loss(self, inf: dict[str, torch.Tensor], batch: MiniBatch) -> torch.Tensor:
+        """``(B,)`` -log p(x | z, l) (nats) at the sample ``inf["z"]`` of :meth:`inference`."""
         heads = self._decode(inf["z"], batch)
-        reconstruction = -softmax_count_log_likelihood(
+        return -softmax_count_log_likelihood(
             self.gene_likelihood,
             heads["logits"],
             inf["log_library"],
@@ -337,16 +345,27 @@ class VAEModule(Module):
             batch.nz_log_factorial,
             batch.nz_row_ptr,
         )
+
+    def library_kl(self, inf: dict[str, torch.Tensor], batch: MiniBatch) -> torch.Tensor | None:
+        """``(B,)`` KL of the latent log library to its per-batch prior; None for an observed library."""
+        if self.use_observed_library:
+            return None
+        index = batch.batch_index
+        return gaussian_kl(
+            inf["ql_mean"], inf["ql_var"], self.library_log_means[index, None], self.library_log_vars[index, None]
+        )
+
+    def loss(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
+        """Negative ELBO per cell, with the KL of z scaled by ``kl_weight`` in ``loss``: the autograd
+        reference (the fused pass of :meth:`loss_and_gradients` is tested equal to it)."""
+        inf = self.inference(batch)
+        reconstruction = self.reconstruction_loss(inf, batch)
         if self.prior_flow is None and self.posterior_flow is None:
             kl_z = gaussian_kl(inf["qz_mean"], inf["qz_var"])
         else:
             kl_z = self.kl_z(inf)
-        kl_l = torch.zeros_like(kl_z)
-        if not self.use_observed_library:
-            index = batch.batch_index
-            kl_l = gaussian_kl(
-                inf["ql_mean"], inf["ql_var"], self.library_log_means[index, None], self.library_log_vars[index, None]
-            )
+        kl_l = self.library_kl(inf, batch)
+        kl_l = torch.zeros_like(kl_z) if kl_l is None else kl_l
         loss = torch.mean(reconstruction + kl_weight * kl_z + kl_l)
         return LossOutput.variational(loss, reconstruction, kl_z + kl_l)
 
