@@ -86,9 +86,17 @@ myst_heading_anchors = 3
 # name (``torch.Tensor``, ``numpy.ndarray``, ``anndata.AnnData``, ``os.PathLike``, ...): there is no
 # intersphinx (it would need the network), so Sphinx has nothing to link them to.
 nitpicky = True
-_THIRD_PARTY = "torch|numpy|scipy|pandas|anndata|ad|pyro"  # (``ad.AnnData``: a string annotation)
+_THIRD_PARTY = "torch|numpy|scipy|pandas|anndata|ad|pyro|matplotlib"  # (``ad.AnnData``: a string annotation)
 _STANDARD_LIBRARY = "os|pathlib|argparse|collections|ctypes|inspect|abc"
 nitpick_ignore_regex = [(r"py:.*", rf"({_THIRD_PARTY}|{_STANDARD_LIBRARY})\..+")]
+# type aliases of allowed values (``Literal[...]``) as dataclass signatures show them; their values
+# are listed in each field's description
+nitpick_ignore = [
+    ("py:class", "Dispersion"),
+    ("py:class", "GeneLikelihood"),
+    ("py:class", "Prior"),
+    ("py:class", "Posterior"),
+]
 
 # -- tutorials: copied from ../tutorials at build time (docs/tutorials/ is ignored by git) --------
 

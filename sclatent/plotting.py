@@ -116,3 +116,51 @@ def plot_embedding(adata: ad.AnnData, color: list[str], path: str | os.PathLike 
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def plot_reliability(
+    predictions: dict[str, tuple], path: str | os.PathLike | None = None, n_bins: int = 10
+) -> plt.Figure:
+    """Reliability diagram: accuracy against confidence of the top class, one line per method.
+
+    Parameters
+    ----------
+    predictions
+        ``{name: (proba, labels)}``: ``(n, K)`` predicted probabilities and ``(n,)`` true class
+        indices (columns of ``proba``), e.g. a model before and after temperature scaling.
+    path
+        PNG to write (the figure is returned either way).
+    n_bins
+        Equal-width bins of the top-class probability.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The diagonal is perfect calibration; each legend entry gives the method's expected
+        calibration error (ECE).
+    """
+    from .metrics.calibration import expected_calibration_error, reliability_curve
+
+    figure, (ax, counts) = plt.subplots(
+        2, 1, figsize=(4.6, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
+    )
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+    centres = None
+    for name, (proba, labels) in predictions.items():
+        curve = reliability_curve(proba, labels, n_bins)
+        ece = expected_calibration_error(proba, labels, n_bins)
+        used = curve["count"] > 0
+        ax.plot(curve["confidence"][used], curve["accuracy"][used], marker="o", label=f"{name} (ECE {ece:.3f})")
+        centres = (curve["edges"][:-1] + curve["edges"][1:]) / 2
+        counts.plot(centres, curve["count"], marker=".", label=name)
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("reliability of the top-class probability", fontsize=10)
+    counts.set_xlabel("confidence (top-class probability)")
+    counts.set_ylabel("cells")
+    if path is not None:
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+    return figure

@@ -4,7 +4,8 @@
 The cell commands are :class:`~sclatent.cli._common.CellCommand` s, one module per family
 (``vae``: ``fit-vae`` and ``fit-flow``, ``dae``, ``masked``, ``contrastive``, ``gan``) declaring only
 what differs from the shared run of :mod:`sclatent.cli._common`; their model options come from
-the family's hyperparameter dataclass. The image commands live in the image wing
+the family's hyperparameter dataclass. ``sclatent map-query`` (:mod:`sclatent.cli.query`) maps new
+cells onto a trained reference. The image commands live in the image wing
 (:mod:`sclatent.cli.images`).
 """
 
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 from .. import distributed
-from . import images
+from . import images, query
 from .contrastive import FIT_CONTRASTIVE
 from .dae import FIT_DAE
 from .gan import FIT_GAN
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for command in CELL_COMMANDS:
         command.register(commands)
+    query.add_command(commands)  # map-query: new cells onto a trained reference
     # the image wing (sclatent.cli.images): mnist-vae, mnist-ae/mae, mnist-flow/toy-flow, mnist-gan,
     # mnist-cyclegan, mnist-simclr
     for module in images.COMMANDS:

@@ -5,9 +5,9 @@ the cells), a random minibatch of 128 cells holds one labelled cell or none, and
 learns from almost nothing; scANVI answers this by drawing a second minibatch of labelled cells
 for every training step. :class:`LabelledData` does the same on top of any cells
 (:class:`~sclatent.data.CellData`, :class:`~sclatent.data.OnDiskCellData`): in training passes
-each minibatch gets ``batch.labelled``, ``min(batch_size, n_labelled)`` labelled training cells
-drawn uniformly with replacement; evaluation passes attach nothing (the model scores the
-labelled cells of the minibatch itself).
+each minibatch gets ``batch.labelled``, ``max(2, min(batch_size, n_labelled))`` labelled training
+cells drawn uniformly with replacement (at least two: the networks' BatchNorm cannot train on one
+cell); evaluation passes attach nothing (the model scores the labelled cells of the minibatch itself).
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class LabelledData(TrainingData):
         minibatches = self.data.iterate(
             cells, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, batch_sizes=batch_sizes
         )
-        size = int(min(batch_size, self.labelled_cells.numel()))
+        # at least two (drawn with replacement): BatchNorm in training mode refuses a one-cell batch
+        size = int(max(2, min(batch_size, self.labelled_cells.numel())))
         for batch in minibatches:
             if training:
                 pick = torch.randint(0, self.labelled_cells.numel(), (size,), generator=generator)

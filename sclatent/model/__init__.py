@@ -1,6 +1,7 @@
 """AnnData-facing models: ``setup_anndata`` -> ``Model(adata)`` -> ``train`` -> outputs."""
 
 from ._base import BaseModel
+from ._query import QueryFreezing
 from .autoencoder import DenoisingAE
 from .contrastive import ContrastiveModel
 from .gan import CellGAN
@@ -15,5 +16,6 @@ __all__ = [
     "ContrastiveModel",
     "DenoisingAE",
     "MaskedGeneModel",
+    "QueryFreezing",
     "SemiSupervisedVAE",
 ]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from .. import distributed
 from ..base import Model
@@ -24,6 +25,10 @@ from ..data import CellData, CountSource, Registry, SetupError, count_source, ge
 from ..data.ondisk import make_cell_data
 from ..data.registry import REGISTRY_KEY, gene_order_for_query
 from ..train import TrainingPlan, split_cells
+from ._query import MAX_MISSING_FRACTION, QueryFreezing, load_query_model, prepare_query_anndata
+
+#: Adam's L2 weight decay of ``train`` for every model but a frozen query model (which trains with 0).
+DEFAULT_WEIGHT_DECAY = 1e-6
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -49,6 +54,10 @@ class BaseModel(Model):
     """
 
     name: ClassVar[str] = "model"
+    #: The training-time freezing of a query model made by :meth:`load_query_data` with ``freeze=True``
+    #: (what trains; :class:`~sclatent.model.QueryFreezing`); None for every other model, a saved
+    #: query model loaded again included (it trains every parameter, like any model of its class).
+    query_freezing: QueryFreezing | None = None
 
     def __init__(self, adata: ad.AnnData, *, seed: int = 0, **hyperparameters: Any) -> None:
         self._attach(adata, get_registry(adata), validated=True)  # setup_anndata has just checked it
@@ -133,7 +142,7 @@ class BaseModel(Model):
         max_epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-3,
-        weight_decay: float = 1e-6,
+        weight_decay: float | None = None,
         accelerator: str = "auto",
         train_size: float = 0.9,
         early_stopping: bool = False,
@@ -155,7 +164,9 @@ class BaseModel(Model):
         batch_size
             Cells per minibatch (per process under torchrun: see below).
         lr, weight_decay
-            Adam settings.
+            Adam settings; ``weight_decay`` (L2) defaults to 1e-6, and to 0 for a query model made by
+            :meth:`load_query_data` with ``freeze=True``, which refuses any other value (the decay
+            would move its frozen reference entries; scvi-tools also advises 0 for query training).
         accelerator
             ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``. Under torchrun each process
             takes ``cuda:LOCAL_RANK`` (``"auto"`` with CUDA, or ``"cuda"``) or the CPU.
@@ -206,6 +217,10 @@ class BaseModel(Model):
         over the processes once per epoch). Every process ends with the same parameters and
         history; only rank 0 should write files.
         """
+        if self.query_freezing is not None:  # 0, or refused: L2 decay would move the frozen entries
+            weight_decay = self.query_freezing.weight_decay(weight_decay)
+        elif weight_decay is None:
+            weight_decay = DEFAULT_WEIGHT_DECAY
         # under torchrun: join the process group, one device per process (else one process, as given)
         launch = distributed.context(accelerator)
         self.module.to(launch.device)
@@ -312,6 +327,161 @@ class BaseModel(Model):
             A damaged folder (unreadable ``metadata.json``, truncated or corrupted ``model.pt``).
         """
         return cls._load(directory, accelerator, adata=adata)
+
+    # ----------------------------------------------------------------- query mapping (scArches)
+
+    @classmethod
+    def prepare_query_anndata(
+        cls,
+        adata: ad.AnnData,
+        reference_model: BaseModel | str | os.PathLike,
+        return_reference_var_names: bool = False,
+        max_missing_fraction: float = MAX_MISSING_FRACTION,
+    ) -> ad.AnnData | pd.Index:
+        """A copy of the query ``adata`` with the reference model's genes, in its order.
+
+        Genes the reference does not have are dropped; reference genes the query lacks are
+        filled with zeros, with a warning that counts them; more than ``max_missing_fraction``
+        of them missing is refused. ``X`` and every layer are aligned (sparse stays sparse);
+        ``obs``, ``obsm``, ``obsp``, ``uns`` are copied, ``var`` reindexed, ``varm``, ``varp`` and
+        ``raw`` dropped. The caller's AnnData is never changed (scvi-tools' ``inplace=True`` is
+        not offered for that reason).
+
+        Parameters
+        ----------
+        adata
+            The query: cells x genes counts, any gene order.
+        reference_model
+            The trained reference model, or the folder it was saved in.
+        return_reference_var_names
+            Return only the reference's genes (a ``pandas.Index``), to prepare the query by hand.
+        max_missing_fraction
+            Largest fraction of the reference's genes the query may lack (default 0.2: scvi-tools
+            warns below 80 % of the reference's genes; more missing usually means another gene
+            naming or panel, and zero-filled genes read as "not expressed" misplace the cells).
+
+        Returns
+        -------
+        anndata.AnnData or pandas.Index
+            The prepared ``(n_query_cells, n_reference_genes)`` AnnData, ready for
+            :meth:`load_query_data`; or the reference's genes.
+
+        Raises
+        ------
+        SetupError
+            Repeated gene names, or too many genes missing (the message names the numbers and the fix).
+        """
+        if isinstance(reference_model, str | os.PathLike):
+            reference_model = cls.load(reference_model)
+        if not isinstance(reference_model, BaseModel):
+            kind = type(reference_model).__name__
+            raise TypeError(f"reference_model must be a sclatent model or its folder, got {kind}.")
+        if return_reference_var_names:
+            return pd.Index(reference_model.var_names)
+        return prepare_query_anndata(adata, reference_model.registry, max_missing_fraction)
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: ad.AnnData,
+        reference_model: BaseModel | str | os.PathLike,
+        freeze: bool = True,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = True,
+        freeze_classifier: bool = True,
+        accelerator: str = "cpu",
+    ) -> BaseModel:
+        """A model of the query mapped onto a trained reference (scArches' architecture surgery).
+
+        The query's batches the reference does not know become new batch categories: the batch
+        embeddings of encoder and decoder get a new row each (and ``log_theta`` for
+        ``dispersion="gene-batch"``; a latent library prior from the query's own cells), the rest
+        is a copy of the reference's weights. ``train()`` then fits the new rows on the query;
+        by default nothing else moves, so the reference cells keep their latent positions and the
+        query cells land in the same space (``model.get_latent_representation(reference_adata)``
+        equals the reference model's). The reference model is never changed.
+
+        Parameters
+        ----------
+        adata
+            The query, with the reference's ``batch_key`` column (its values other than the
+            reference's batches are the new batches; at least one must be new), covariate columns,
+            and for a semi-supervised model labels among the reference's or unlabelled (column
+            absent, ``unlabeled_category`` or NaN). If its genes are not the reference's in order,
+            the model works on :meth:`prepare_query_anndata`'s copy (``model.adata``); otherwise
+            on ``adata`` itself, whose ``uns`` gets the query registry (as ``setup_anndata`` does).
+        reference_model
+            The trained reference model of this class, or the folder it was saved in. It must
+            have been set up with a ``batch_key``: a reference without one has no batch input to
+            adapt, so it is refused (embed the query with the reference model as it is).
+        freeze
+            Train only the new batches' entries (True, scArches), or every parameter (False:
+            plain fine-tuning from the reference's weights; the options below are then ignored).
+        freeze_dropout
+            Switch dropout off in query training.
+        freeze_expression, freeze_decoder_first_layer
+            Keep the encoders' (decoder's) first layer frozen (their batch rows still train). False
+            trains the whole layer, as scvi-tools allows; the reference cells' latents then move.
+        freeze_batchnorm_encoder, freeze_batchnorm_decoder
+            Keep the encoders' (decoder's) BatchNorm frozen: affine parameters and running
+            statistics (``momentum=0``). False trains both. (scvi-tools' default for the decoder
+            is False; ours keeps every reference output unchanged by default.)
+        freeze_classifier
+            Keep a semi-supervised model's classifier (and its fitted temperature) frozen; no
+            effect on other models.
+        accelerator
+            Device of the query model (``train`` moves it to its own).
+
+        Returns
+        -------
+        BaseModel
+            An untrained model of this class on the query (``model.adata``) whose registry lists
+            the reference's batches then the new ones; ``model.query_freezing`` records what trains.
+
+        Raises
+        ------
+        SetupError
+            A model class that cannot grow batch rows, a reference without ``batch_key``, a query
+            without its column or without a new batch, too many missing genes, or data the
+            reference's registry refuses (e.g. a label the reference does not know).
+
+        Notes
+        -----
+        Freezing, as scArches: a gradient hook keeps only the new entries' gradients of each grown
+        parameter, every other frozen parameter has ``requires_grad=False``, and frozen BatchNorm
+        layers keep their running statistics (``momentum=0``). The hooks make training take the
+        autograd step rather than the count VAE's fused pass. A frozen query model trains with
+        ``weight_decay=0`` and refuses other values: L2 decay would move its frozen entries. The
+        freezing is training-time state (``model.query_freezing``), not saved: ``Model.load(dir,
+        query_adata)`` gives the query model back (same latents), which then trains like any model.
+        scvi-tools differs in also training the library encoder and the decoder's BatchNorm by
+        default, and lets the covariate weights of old categories take gradients.
+
+        Examples
+        --------
+        >>> query = sclatent.model.VAE.prepare_query_anndata(query_adata, reference)
+        >>> model = sclatent.model.VAE.load_query_data(query, reference)
+        >>> model.train(max_epochs=200)
+        >>> query.obsm["X_sclatent_vae"] = model.get_latent_representation()
+        """
+        if isinstance(reference_model, str | os.PathLike):
+            reference_model = cls.load(reference_model)
+        return load_query_model(
+            cls,
+            adata,
+            reference_model,
+            freeze=freeze,
+            accelerator=accelerator,
+            freeze_dropout=freeze_dropout,
+            freeze_expression=freeze_expression,
+            freeze_decoder_first_layer=freeze_decoder_first_layer,
+            freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+            freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+            freeze_classifier=freeze_classifier,
+        )
 
     def _repr_data(self) -> list[str]:
         return [f"  data: {self.registry.summary()}"]

@@ -59,7 +59,7 @@ class SemiSupervisedVAE(BaseModel):
     hyperparameters_class = SemiSupervisedVAEHyperparameters
     name = "ssvae"
     #: Whether the weights of M1 came from a trained VAE (:meth:`from_vae`): ``train`` then
-    #: defaults to :data:`FROM_VAE_EPOCHS` epochs.
+    #: defaults to ``FROM_VAE_EPOCHS`` (20) epochs.
     initialised_from_vae: ClassVar[bool] = False
     #: How the last :meth:`calibrate` went (cells, temperature, NLL before and after); None before.
     calibration: dict | None = None
@@ -203,7 +203,7 @@ class SemiSupervisedVAE(BaseModel):
         Returns
         -------
         SemiSupervisedVAE
-            Untrained; ``train()`` then defaults to :data:`FROM_VAE_EPOCHS` epochs.
+            Untrained; ``train()`` then defaults to ``FROM_VAE_EPOCHS`` (20) epochs.
         """
         if not isinstance(vae, VAE):
             raise TypeError(f"from_vae takes a sclatent.model.VAE, got {type(vae).__name__}.")
@@ -259,12 +259,13 @@ class SemiSupervisedVAE(BaseModel):
         """Fit on the registered AnnData, then fit the predictions' temperature.
 
         Parameters as :meth:`sclatent.model.VAE.train`; ``max_epochs`` defaults to
-        :data:`FROM_VAE_EPOCHS` for a model made by :meth:`from_vae` (only the classifier and M2
+        ``FROM_VAE_EPOCHS`` (20) for a model made by :meth:`from_vae` (only the classifier and M2
         start from scratch), else to the VAE's default. A cell without a label never contributes a
         classification loss. After training, the temperature ``T`` of :meth:`predict` is fitted by
         maximum likelihood on the labelled cells among ``validation_indices`` (at least
-        :data:`MIN_CALIBRATION_CELLS` of them; else ``T`` stays 1, with a warning);
-        ``model.calibration`` records how.
+        ``MIN_CALIBRATION_CELLS`` (20) of them; else ``T`` stays 1, with a warning);
+        ``model.calibration`` records how. A query model whose classifier is frozen
+        (:meth:`~sclatent.model.BaseModel.load_query_data`) keeps the reference's temperature instead.
 
         Returns
         -------
@@ -274,7 +275,8 @@ class SemiSupervisedVAE(BaseModel):
         if max_epochs is None and self.initialised_from_vae and not self.history:
             max_epochs = FROM_VAE_EPOCHS
         super().train(max_epochs=max_epochs, **kwargs)
-        self.calibrate()
+        if self.query_freezing is None or not self.query_freezing.freeze_classifier:
+            self.calibrate()  # a query model with the reference's frozen classifier keeps its temperature
         return self
 
     def calibrate(self, indices=None) -> dict[str, float]:
@@ -354,7 +356,7 @@ class SemiSupervisedVAE(BaseModel):
         ----------
         adata
             Cells to classify (default: the model's AnnData); a query must hold the model's genes
-            (see :meth:`prepare_query_anndata`).
+            (see :meth:`~sclatent.model.BaseModel.prepare_query_anndata`).
         indices
             Cells of ``adata`` to classify (default all).
         soft

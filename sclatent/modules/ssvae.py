@@ -63,9 +63,7 @@ class SemiSupervisedVAEHyperparameters(CountVAEHyperparameters):
     )
     classifier_n_hidden: int = setting(128, "Width of the classifier q(y | z1)'s hidden layers.", minimum=1)
     classifier_n_layers: int = setting(1, "Hidden layers of the classifier (0: a linear classifier).", minimum=0)
-    classifier_dropout_rate: float = setting(
-        0.1, "Dropout probability in the classifier.", minimum=0.0, maximum=0.99
-    )
+    classifier_dropout_rate: float = setting(0.1, "Dropout probability in the classifier.", minimum=0.0, maximum=0.99)
 
     def validate(self) -> None:
         if self.dispersion == "gene-label":
@@ -152,6 +150,26 @@ class SemiSupervisedVAEModule(Module):
         self.z1_decoder = GaussianEncoder(latent, latent, hidden, n_cats_per_cov=[self.n_labels], dropout_rate=0.0)
         # log T of the predictions' temperature (fitted by the model class; 0 = untempered)
         self.register_buffer("log_temperature", torch.zeros(()))
+
+    # -------------------------------------------------------------------- query mapping
+
+    def add_batch_categories(
+        self,
+        n_new: int,
+        library_log_means: np.ndarray | None = None,
+        library_log_vars: np.ndarray | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Grow the count VAE inside by ``n_new`` batches (:meth:`sclatent.modules.VAEModule.add_batch_categories`);
+        the classifier and M2 read ``z1`` only, not the batch, and do not change.
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            For every grown parameter, its name in ``named_parameters()`` (``"vae. ..."``) and a
+            bool mask of its shape, True on the entries of the new batches.
+        """
+        masks = self.vae.add_batch_categories(n_new, library_log_means, library_log_vars)
+        return {f"vae.{name}": mask for name, mask in masks.items()}
 
     # -------------------------------------------------------------------- pieces
 

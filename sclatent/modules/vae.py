@@ -183,6 +183,65 @@ class VAEModule(Module):
                 n_latent, 2 * n_latent, settings.n_posterior_flows, settings.posterior_flow_hidden
             )
 
+    # -------------------------------------------------------------------- query mapping
+
+    def add_batch_categories(
+        self,
+        n_new: int,
+        library_log_means: np.ndarray | None = None,
+        library_log_vars: np.ndarray | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Grow the module in place by ``n_new`` batches, appended after the old ones (scArches).
+
+        Every network reading the batch (the decoder; the encoders with ``encode_covariates``)
+        gets ``n_new`` new rows in its batch embeddings (:meth:`sclatent.nn.MLP.add_categories`;
+        a module with one batch had none and gets embeddings whose old row is zeros), a
+        ``dispersion="gene-batch"`` module new rows of ``log_theta`` (drawn ``N(0, 1)`` as at
+        construction), and a latent-library module new entries of its library prior. Old
+        batches' computations are unchanged, and the module's state dict then has the names and
+        shapes of a module built with ``n_batch + n_new`` batches, so it saves and loads as one.
+
+        Parameters
+        ----------
+        n_new
+            Batches to add (>= 1).
+        library_log_means, library_log_vars
+            ``(n_new,)`` prior of the latent log library of the new batches (used when
+            ``use_observed_library=False``; default mean 0, variance 1).
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            For every grown parameter, its name in ``named_parameters()`` and a bool mask of its
+            shape, True on the entries that belong to the new batches (what query training trains).
+        """
+        if n_new < 1:
+            raise ValueError(f"n_new must be >= 1, got {n_new}.")
+        masks: dict[str, torch.Tensor] = {}
+        networks = {"decoder.body": self.decoder.body}
+        if self.encode_covariates:
+            networks["z_encoder.body"] = self.z_encoder.body
+            if not self.use_observed_library:
+                networks["l_encoder.body"] = self.l_encoder.body
+        for prefix, mlp in networks.items():
+            masks.update({f"{prefix}.{name}": mask for name, mask in mlp.add_categories(0, n_new).items()})
+        if self.dispersion == "gene-batch":
+            old = self.log_theta.detach()
+            self.log_theta = nn.Parameter(torch.cat([old, torch.randn(n_new, self.n_genes).to(old)]))
+            mask = torch.zeros(self.log_theta.shape, dtype=torch.bool, device=old.device)
+            mask[self.n_batch :] = True
+            masks["log_theta"] = mask
+        if not self.use_observed_library:
+            means = np.zeros(n_new) if library_log_means is None else np.asarray(library_log_means)
+            variances = np.ones(n_new) if library_log_vars is None else np.asarray(library_log_vars)
+            if means.shape != (n_new,) or variances.shape != (n_new,):
+                raise ValueError(f"library_log_means and library_log_vars must be ({n_new},) arrays.")
+            old_means, old_vars = self.library_log_means, self.library_log_vars
+            self.library_log_means = torch.cat([old_means, torch.as_tensor(means).to(old_means)])
+            self.library_log_vars = torch.cat([old_vars, torch.as_tensor(variances).to(old_vars)])
+        self.n_batch += n_new
+        return masks
+
     # -------------------------------------------------------------------- pieces
 
     def inference(self, batch: MiniBatch, n_samples: int = 1) -> dict[str, torch.Tensor]:

@@ -55,12 +55,61 @@ class InjectedLinear(nn.Module):
         self, n_in: int, n_out: int, n_cats_per_cov: list[int], n_continuous: int, sparse_input: bool = False
     ) -> None:
         super().__init__()
+        self.n_in, self.n_out = n_in, n_out
         self.linear = SparseLinear(n_in, n_out) if sparse_input else nn.Linear(n_in, n_out)
         self.embeddings = nn.ModuleList(nn.Embedding(n, n_out) for n in n_cats_per_cov if n > 1)
         self._use_cat = [n > 1 for n in n_cats_per_cov]
         for embedding in self.embeddings:
             nn.init.normal_(embedding.weight, std=n_in**-0.5)
         self.continuous = nn.Linear(n_continuous, n_out, bias=False) if n_continuous else None
+
+    def add_categories(self, covariate: int, n_new: int) -> dict[str, torch.Tensor]:
+        """Grow categorical covariate ``covariate`` by ``n_new`` categories, appended after the old ones.
+
+        The old categories' rows are kept; the new rows are drawn as at construction
+        (``N(0, 1 / n_in)``, torch's global generator). A covariate that had one category has no
+        embedding (its row would be a constant absorbed by the bias): it gets one, whose row for
+        the old category is zeros, so the layer's output for old cells does not change. The
+        layer then has the embeddings a layer built with the grown category counts has, under
+        the same state-dict names.
+
+        Parameters
+        ----------
+        covariate
+            Index of the covariate in ``n_cats_per_cov`` (0: the batch, by convention).
+        n_new
+            Categories to add (>= 1).
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            ``{"embeddings.<i>.weight": mask}``: the grown weight's name in this layer and a
+            ``(n_categories, n_out)`` bool mask, True on the new rows (empty when the layer reads
+            no covariates).
+        """
+        if n_new < 1:
+            raise ValueError(f"n_new must be >= 1, got {n_new}.")
+        if covariate >= len(self._use_cat):
+            return {}
+        position = sum(self._use_cat[:covariate])
+        device, dtype = self.linear.weight.device, self.linear.weight.dtype
+        if self._use_cat[covariate]:
+            old = self.embeddings[position].weight.detach()
+        else:
+            old = torch.zeros(1, self.n_out, device=device, dtype=dtype)
+        n_old, n_out = old.shape
+        grown = nn.Embedding(n_old + n_new, n_out, device=device, dtype=dtype)
+        with torch.no_grad():
+            grown.weight[:n_old] = old
+            nn.init.normal_(grown.weight[n_old:], std=self.n_in**-0.5)
+        if self._use_cat[covariate]:
+            self.embeddings[position] = grown
+        else:
+            self.embeddings.insert(position, grown)
+            self._use_cat[covariate] = True
+        mask = torch.zeros(n_old + n_new, n_out, dtype=torch.bool, device=device)
+        mask[n_old:] = True
+        return {f"embeddings.{position}.weight": mask}
 
     def forward(
         self, x: torch.Tensor | SparseRows, cats: list[torch.Tensor], cont: torch.Tensor | None
@@ -182,6 +231,22 @@ class MLP(nn.Module):
                 post.append(Dropout(dropout_rate))
             self.post.append(nn.Sequential(*post))
         self.inject_covariates = inject_covariates
+
+    def add_categories(self, covariate: int, n_new: int) -> dict[str, torch.Tensor]:
+        """Grow categorical covariate ``covariate`` by ``n_new`` categories in every layer that reads
+        it (``InjectedLinear.add_categories``: the old rows kept, new rows drawn as at construction,
+        an embedding created with a zero old row for a covariate that had one category).
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            Each grown weight's name in this MLP (``"layers.<k>.embeddings.<i>.weight"``) and its
+            ``(n_categories, n_out)`` bool mask, True on the new rows.
+        """
+        masks = {}
+        for k, layer in enumerate(self.layers):
+            masks.update({f"layers.{k}.{name}": mask for name, mask in layer.add_categories(covariate, n_new).items()})
+        return masks
 
     def describe(self) -> list[LayerDescription]:
         """Each hidden layer's parameters and operations, in order (see :class:`LayerDescription`)."""
