@@ -135,11 +135,14 @@ class SemiSupervisedVAEModule(Module):
         self.classification_ratio = float(settings.classification_ratio)
         latent, hidden = settings.n_latent, settings.n_hidden
         if settings.classifier_n_layers:
+            # no BatchNorm: trained for a few epochs from scratch, its running statistics would lag
+            # the batch statistics it trains with, and eval-mode predictions would come out soft
             body = MLP(
                 latent,
                 settings.classifier_n_hidden,
                 n_layers=settings.classifier_n_layers,
                 dropout_rate=settings.classifier_dropout_rate,
+                use_batch_norm=False,
             )
             self.classifier = nn.Sequential(body, nn.Linear(settings.classifier_n_hidden, self.n_labels))
         else:
