@@ -108,6 +108,26 @@ class Module(nn.Module, metaclass=abc.ABCMeta):
         ``.grad`` (replacing what was there, as ``zero_grad()`` then ``backward()`` would)."""
         raise NotImplementedError(f"{type(self).__name__} has no direct-gradient pass.")
 
+    def restrict_gradients(self, masks: dict[str, torch.Tensor]) -> None:
+        """Train only some entries of some parameters: ``{parameter name: bool mask of its shape}``,
+        True on the entries that train. Every step kind zeroes the other entries' gradients before
+        the optimiser steps (the new batch rows of a query model: :meth:`sclatent.model.BaseModel.load_query_data`).
+        Training-time state, not saved; an empty dict lifts it."""
+        names = dict(self.named_parameters())
+        unknown = sorted(set(masks) - set(names))
+        if unknown:
+            raise ValueError(f"masks name parameters {unknown} that {type(self).__name__} does not have.")
+        for name, mask in masks.items():
+            if mask.shape != names[name].shape or mask.dtype != torch.bool:
+                raise ValueError(f"the mask of {name} must be a bool tensor of shape {tuple(names[name].shape)}.")
+        self.__dict__["_gradient_masks"] = dict(masks)
+
+    def gradient_masks(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(parameter, mask)`` pairs set by :meth:`restrict_gradients` (none by default)."""
+        masks = self.__dict__.get("_gradient_masks", {})
+        names = dict(self.named_parameters())
+        return [(names[name], mask) for name, mask in masks.items()]
+
 
 class AdversarialModule(Module):
     """A module trained by several players in turn, each on its own objective (a GAN).

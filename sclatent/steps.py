@@ -31,8 +31,17 @@ from .optim import FlatAdam
 StepOutputs = list[tuple[str | None, LossOutput]]
 #: Called with an optimiser after the gradients are in place and before it steps.
 BeforeUpdate = Callable[[FlatAdam], None]
+#: ``(parameter, bool mask)`` pairs whose False entries must not train (:meth:`Module.gradient_masks`).
+Masks = list[tuple[torch.nn.Parameter, torch.Tensor]]
 #: Any of the step kinds below.
 Step = Union["AutogradStep", "DirectGradientStep", "AdversarialStep", "DistributedStep"]
+
+
+def _apply_masks(masks: Masks) -> None:
+    """Zero the gradient of every masked-out entry (in place: the optimiser's flat gradient views)."""
+    for parameter, mask in masks:
+        if parameter.grad is not None:
+            parameter.grad.mul_(mask.to(parameter.grad.device))
 
 
 class AutogradStep:
@@ -47,8 +56,9 @@ class AutogradStep:
         module: Module,
         optimizer: FlatAdam,
         objective: Callable[[Batch, float], LossOutput] | None = None,
+        masks: Masks = (),
     ) -> None:
-        self.module, self.optimizer = module, optimizer
+        self.module, self.optimizer, self.masks = module, optimizer, list(masks)
         self.objective = objective or (lambda batch, kl_weight: module.loss(batch, kl_weight=kl_weight))
 
     @property
@@ -66,6 +76,7 @@ class AutogradStep:
         out = self.objective(batch, kl_weight)
         self.optimizer.zero_grad()
         (out.loss if loss_scale == 1.0 else out.loss * loss_scale).backward()
+        _apply_masks(self.masks)
         if before_update is not None:
             before_update(self.optimizer)
         self.optimizer.step()
@@ -75,8 +86,8 @@ class AutogradStep:
 class DirectGradientStep:
     """``loss_and_gradients`` (gradients written without autograd) -> Adam step."""
 
-    def __init__(self, module: Module, optimizer: FlatAdam) -> None:
-        self.module, self.optimizer = module, optimizer
+    def __init__(self, module: Module, optimizer: FlatAdam, masks: Masks = ()) -> None:
+        self.module, self.optimizer, self.masks = module, optimizer, list(masks)
 
     @property
     def optimizers(self) -> dict[str, FlatAdam]:
@@ -86,6 +97,7 @@ class DirectGradientStep:
         self, batch: Batch, kl_weight: float, global_step: int, before_update: BeforeUpdate | None = None
     ) -> StepOutputs:
         out = self.module.loss_and_gradients(batch, kl_weight=kl_weight)
+        _apply_masks(self.masks)
         if before_update is not None:
             before_update(self.optimizer)
         self.optimizer.step()
@@ -100,8 +112,8 @@ class AdversarialStep:
     input, but needs no gradient for the critic's weights), and only the group's own optimiser steps.
     """
 
-    def __init__(self, module: AdversarialModule, optimizers: dict[str, FlatAdam]) -> None:
-        self.module, self._optimizers = module, optimizers
+    def __init__(self, module: AdversarialModule, optimizers: dict[str, FlatAdam], masks: Masks = ()) -> None:
+        self.module, self._optimizers, self.masks = module, optimizers, list(masks)
         self.groups = checked_parameter_groups(module)
 
     @property
@@ -127,6 +139,7 @@ class AdversarialStep:
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+        _apply_masks(self.masks)
         if before_update is not None:
             before_update(self._optimizers[name])
         self._optimizers[name].step()
@@ -201,13 +214,15 @@ def make_step(
     module: Module, optimizers: dict[str, FlatAdam], distributed: DistributedContext | None = None
 ) -> AutogradStep | DirectGradientStep | AdversarialStep | DistributedStep:
     """The step kind for ``module``, chosen once: adversarial, direct gradients or autograd,
-    wrapped for distribution when ``distributed`` is a multi-process context."""
+    wrapped for distribution when ``distributed`` is a multi-process context; every kind zeroes the
+    gradients the module's :meth:`~sclatent.contracts.Module.gradient_masks` exclude before each update."""
+    masks = module.gradient_masks()
     if isinstance(module, AdversarialModule):
-        step = AdversarialStep(module, optimizers)
+        step = AdversarialStep(module, optimizers, masks)
     elif module.supports_direct_gradients() and not has_backward_hooks(module):
-        step = DirectGradientStep(module, optimizers["adam"])
+        step = DirectGradientStep(module, optimizers["adam"], masks)
     else:
-        step = AutogradStep(module, optimizers["adam"])
+        step = AutogradStep(module, optimizers["adam"], masks=masks)
     if distributed is not None and distributed.enabled:
         return DistributedStep(step, distributed)
     return step

@@ -450,10 +450,10 @@ class BaseModel(Model):
 
         Notes
         -----
-        Freezing, as scArches: a gradient hook keeps only the new entries' gradients of each grown
-        parameter, every other frozen parameter has ``requires_grad=False``, and frozen BatchNorm
-        layers keep their running statistics (``momentum=0``). The hooks make training take the
-        autograd step rather than the count VAE's fused pass. A frozen query model trains with
+        Freezing, as scArches: a gradient mask keeps only the new entries' gradients of each grown
+        parameter (declared on the module, applied by every step kind, so the count VAE's fused
+        pass still trains the query), every other frozen parameter has ``requires_grad=False``, and
+        frozen BatchNorm layers keep their running statistics (``momentum=0``). A frozen query model trains with
         ``weight_decay=0`` and refuses other values: L2 decay would move its frozen entries. The
         freezing is training-time state (``model.query_freezing``), not saved: ``Model.load(dir,
         query_adata)`` gives the query model back (same latents), which then trains like any model.

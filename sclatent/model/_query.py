@@ -19,13 +19,14 @@ How a query model is made (:func:`load_query_model`):
    the new batches (``module.add_batch_categories``), whose mask of new entries it returns. The
    result is a module of the class's shapes for the query registry, so ``Model.load(dir, adata)``
    rebuilds a saved query model like any other.
-4. Freezing (``freeze=True``, :func:`freeze_for_query`): parameters with new entries train through a
-   gradient hook that zeroes the gradient of their old entries; every other parameter gets
-   ``requires_grad=False`` (the optimiser then leaves it out) unless an option unfreezes it; every
-   BatchNorm whose affine parameters are frozen gets ``momentum=0``, so its running statistics do
-   not move in training. The hooks make the trainer take the autograd step (the count VAE's fused
-   pass runs no hooks); Adam's L2 weight decay, which would move frozen entries of a partly trained
-   parameter, is refused: a frozen query model trains with ``weight_decay=0``.
+4. Freezing (``freeze=True``, :func:`freeze_for_query`): parameters with new entries train under a
+   gradient mask declared on the module (:meth:`sclatent.contracts.Module.restrict_gradients`): every
+   step kind zeroes the gradient of their old entries before the optimiser steps, so the count VAE's
+   fused pass still trains a query; every other parameter gets ``requires_grad=False`` (the
+   optimiser then leaves it out) unless an option unfreezes it; every BatchNorm whose affine
+   parameters are frozen gets ``momentum=0``, so its running statistics do not move in training.
+   Adam's L2 weight decay, which would move frozen entries of a partly trained parameter, is
+   refused: a frozen query model trains with ``weight_decay=0``.
 
 The freezing is training-time state of the model object (:class:`QueryFreezing`, on
 ``model.query_freezing``): it is not saved, and a saved query model loaded again trains every
@@ -36,8 +37,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anndata as ad
@@ -227,7 +227,8 @@ class QueryFreezing:
     ----------
     masks
         Parameters that train in part: name -> bool mask of the parameter's shape, True on the
-        entries that train (the new batches'); a gradient hook zeroes the others' gradients.
+        entries that train (the new batches'); the trainer zeroes the others' gradients
+        (:meth:`sclatent.contracts.Module.restrict_gradients`).
     trainable
         Parameters that train entirely (unfrozen by an option, e.g. ``freeze_expression=False``).
     held_batchnorm
@@ -241,7 +242,6 @@ class QueryFreezing:
     trainable: tuple[str, ...]
     held_batchnorm: tuple[str, ...]
     freeze_classifier: bool
-    hooks: list = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -268,20 +268,6 @@ class QueryFreezing:
             "every entry's gradient. Train a query model with weight_decay=0 (its default), or map the query with "
             "load_query_data(..., freeze=False) to train every parameter."
         )
-
-
-def _masked_gradient(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A gradient hook keeping the gradient where ``mask`` is True, zero elsewhere (NaN-safe)."""
-
-    on_device = {mask.device: mask}  # the mask on each device the parameter trained on, copied once
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        keep = on_device.get(grad.device)
-        if keep is None:
-            keep = on_device[grad.device] = mask.to(grad.device)
-        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-
-    return hook
 
 
 def freeze_for_query(
@@ -337,7 +323,7 @@ def freeze_for_query(
             trainable.append(name)
         elif name in masks:
             parameter.requires_grad_(True)
-            freezing.hooks.append(parameter.register_hook(_masked_gradient(masks[name])))
+            pass  # trains through its mask (module.restrict_gradients, below)
         else:
             parameter.requires_grad_(False)
     held = []
@@ -347,6 +333,7 @@ def freeze_for_query(
             held.append(name)
         if freeze_dropout and isinstance(part, Dropout | nn.Dropout):
             part.p = 0.0
+    module.restrict_gradients(masks)
     freezing.trainable, freezing.held_batchnorm = tuple(trainable), tuple(held)
     return freezing
 

@@ -203,7 +203,7 @@ def _structure(module) -> _Spec | None:
 
 def fused_loss(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
     """Negative ELBO per cell, as :meth:`VAEModule.loss <sclatent.modules.VAEModule.loss>`, through the fused pass."""
-    loss, reconstruction, kl = _FusedELBO.apply(spec, batch, float(kl_weight), *spec.parameters())
+    loss, reconstruction, kl, *_ = _FusedELBO.apply(spec, batch, float(kl_weight), *spec.parameters())
     return LossOutput.variational(loss, reconstruction, kl)
 
 
@@ -419,9 +419,19 @@ def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
 
 
 @torch.no_grad()
-def _backward(spec: _Spec, saved: _Saved, weight_rec: torch.Tensor, weight_kl: torch.Tensor) -> list[torch.Tensor]:
+def _backward(
+    spec: _Spec,
+    saved: _Saved,
+    weight_rec: torch.Tensor,
+    weight_kl: torch.Tensor,
+    grad_z: torch.Tensor | None = None,
+    grad_mean: torch.Tensor | None = None,
+    grad_var: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """Gradients, in the order of :meth:`_Spec.parameters`, of ``sum_b weight_rec_b rec_b +
-    weight_kl_b kl_b`` (``(B,)`` weights; the mean loss has ``1 / B`` and ``kl_weight / B``)."""
+    weight_kl_b kl_b`` (``(B,)`` weights; the mean loss has ``1 / B`` and ``kl_weight / B``), plus
+    whatever a caller's own objective sends back into the sample ``z`` and the posterior's ``mean``
+    and ``var`` (``(B, L)`` gradients, or None)."""
     kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
     n_cells, width = saved.hidden_enc.shape
     n_latent = saved.z.shape[1]
@@ -449,7 +459,7 @@ def _backward(spec: _Spec, saved: _Saved, weight_rec: torch.Tensor, weight_kl: t
     grad_dec_weight = torch.mm(grad_pre_dec.t(), saved.z)
     grad_dec_bias = grad_pre_dec.sum(0)
     grad_dec_embeddings = _embedding_gradients(dec, saved.codes, grad_pre_dec)
-    grad_z = torch.mm(grad_pre_dec, dec.weight)
+    grad_z = torch.mm(grad_pre_dec, dec.weight) if grad_z is None else torch.addmm(grad_z, grad_pre_dec, dec.weight)
 
     grad_q = torch.empty_like(saved.q)
     kernel.gaussian_head_backward(
@@ -463,6 +473,11 @@ def _backward(spec: _Spec, saved: _Saved, weight_rec: torch.Tensor, weight_kl: t
         spec.var_eps,
         grad_q.data_ptr(),
     )
+    # the heads are [mean | log var] with var = exp(log var) + var_eps: d var / d log var = var - var_eps
+    if grad_mean is not None:
+        grad_q[:, :n_latent] += grad_mean
+    if grad_var is not None:
+        grad_q[:, n_latent:] += grad_var * (saved.var - spec.var_eps)
     grad_heads_weight = torch.mm(grad_q.t(), saved.hidden_enc)
     grad_heads_bias = grad_q.sum(0)
     grad_hidden_enc = torch.mm(grad_q, spec.heads_weight)
@@ -525,7 +540,9 @@ def fused_loss_and_gradients(spec: _Spec, batch: MiniBatch, kl_weight: float) ->
 
 
 class _FusedELBO(torch.autograd.Function):
-    """``(loss, reconstruction (B,), kl (B,))`` of the VAE as one autograd node."""
+    """The VAE's pass as one autograd node: ``(loss, reconstruction (B,), kl (B,), z (B, L),
+    mean (B, L), var (B, L))``; gradients sent back into any of them are taken by the hand-written
+    backward."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, batch: MiniBatch, kl_weight: float, *parameters):
@@ -533,10 +550,12 @@ class _FusedELBO(torch.autograd.Function):
         ctx.spec, ctx.kl_weight, ctx.saved = spec, kl_weight, saved
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*parameters)
-        return loss, reconstruction, kl
+        n_latent = saved.z.shape[1]
+        mean = saved.q[:, :n_latent].clone()
+        return loss, reconstruction, kl, saved.z.clone(), mean, saved.var.clone()
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_reconstruction, grad_kl):
+    def backward(ctx, grad_loss, grad_reconstruction, grad_kl, grad_z, grad_mean, grad_var):
         ctx.saved_tensors  # noqa: B018 (raises if a parameter was modified in place since the forward)
         n_cells = ctx.saved.z.shape[0]
         # per-cell weights of the two terms in what is differentiated
@@ -548,6 +567,22 @@ class _FusedELBO(torch.autograd.Function):
             weight_rec += grad_reconstruction
         if grad_kl is not None:
             weight_kl += grad_kl
-        grads = _backward(ctx.spec, ctx.saved, weight_rec, weight_kl)
+        grads = _backward(ctx.spec, ctx.saved, weight_rec, weight_kl, grad_z, grad_mean, grad_var)
         needs = ctx.needs_input_grad[3:]
         return (None, None, None, *(g if need else None for g, need in zip(grads, needs, strict=True)))
+
+
+def fused_pass(spec: _Spec, batch: MiniBatch) -> dict[str, torch.Tensor]:
+    """The VAE's encoder, sample and decoder likelihood through the fused kernels, as one autograd
+    node, for a model that builds its own objective on top of the count VAE (the semi-supervised
+    VAE's M1).
+
+    Returns
+    -------
+    dict
+        ``reconstruction`` ``(B,)`` (-log p(x | z), nats), ``z`` ``(B, L)`` the reparameterised
+        sample, ``qz_mean`` and ``qz_var`` ``(B, L)``: differentiable; the gradients sent back into
+        them are propagated by the pass's own backward.
+    """
+    _, reconstruction, _, z, mean, var = _FusedELBO.apply(spec, batch, 0.0, *spec.parameters())
+    return {"reconstruction": reconstruction, "z": z, "qz_mean": mean, "qz_var": var}

@@ -47,6 +47,7 @@ from ..data.loader import MiniBatch
 from ..distributions import gaussian_kl, gaussian_log_prob
 from ..hyperparameters import setting
 from ..nn import MLP, GaussianEncoder
+from . import fused_elbo
 from .vae import CountVAEHyperparameters, VAEModule
 
 
@@ -190,6 +191,22 @@ class SemiSupervisedVAEModule(Module):
         """``(B, K)`` tempered logits of the posterior mean: ``f(E[z1 | x]) / T``."""
         return self.class_logits(self.latent_mean(batch)) / torch.exp(self.log_temperature)
 
+    def _m1(self, batch: MiniBatch) -> dict[str, torch.Tensor]:
+        """The count VAE's part of a training step: ``reconstruction`` (B,), the sample ``z`` and
+        ``qz_mean``, ``qz_var`` (and ``ql_mean``, ``ql_var`` for a latent library).
+
+        In the count VAE's fused configuration (:func:`sclatent.modules.fused_elbo.applies`) one
+        autograd node computes it with the fused kernels and takes back the gradients the rest of
+        the objective sends into ``z``, ``qz_mean`` and ``qz_var`` (:func:`~sclatent.modules.fused_elbo.fused_pass`;
+        the same numbers and random draws as the autograd path, to float32 rounding).
+        """
+        spec = fused_elbo.fused_spec(self.vae, batch)
+        if spec is not None:
+            return fused_elbo.fused_pass(spec, batch)
+        inf = self.vae.inference(batch)
+        inf["reconstruction"] = self.vae.reconstruction_loss(inf, batch)
+        return inf
+
     def _class_kls(self, z1: torch.Tensor, log_q_z1: torch.Tensor) -> torch.Tensor:
         """``(B, K)`` one-sample ``KL_k`` for every cell and class (see the module docstring)."""
         n_cells, n_labels = z1.shape[0], self.n_labels
@@ -224,9 +241,8 @@ class SemiSupervisedVAEModule(Module):
         weighted classification term. Terms: ``reconstruction``, ``kl`` (their negated sum is the
         per-cell bound), ``classification`` (the mean cross-entropy on labelled cells, repeated per
         cell) and ``accuracy`` (the classifier's, on the same cells)."""
-        inf = self.vae.inference(batch)
-        z1 = inf["z"]
-        reconstruction = self.vae.reconstruction_loss(inf, batch)
+        inf = self._m1(batch)
+        z1, reconstruction = inf["z"], inf["reconstruction"]
         log_q_z1 = gaussian_log_prob(z1, inf["qz_mean"], inf["qz_var"])
         class_kls = self._class_kls(z1, log_q_z1)
         log_prior_y = -math.log(self.n_labels)
@@ -237,7 +253,7 @@ class SemiSupervisedVAEModule(Module):
         unlabelled_kl = (q_y * class_kls).sum(-1) + (q_y * (log_q_y - log_prior_y)).sum(-1)
         labelled_kl = class_kls.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1) - log_prior_y
         kl = torch.where(labelled, labelled_kl, unlabelled_kl)
-        kl_l = self.vae.library_kl(inf, batch)
+        kl_l = None if "ql_mean" not in inf else self.vae.library_kl(inf, batch)
         kl_l = torch.zeros_like(kl) if kl_l is None else kl_l
         cross_entropy, accuracy = self._classification(batch)
         loss = torch.mean(reconstruction + kl_weight * kl + kl_l) + self.classification_ratio * cross_entropy

@@ -61,7 +61,8 @@ def test_the_data_package_imports_downwards_only():
     assert graph["loader"] <= {"_counts", "registry"}
     assert graph["ondisk"] <= {"_counts", "registry", "loader"}
     assert graph["neighbours"] <= {"_counts", "registry", "loader", "ondisk"}
-    order = ["_counts", "registry", "loader", "ondisk", "neighbours"]
+    assert graph["labelled"] <= {"_counts", "registry", "loader", "ondisk"}
+    order = ["_counts", "registry", "loader", "ondisk", "neighbours", "labelled"]
     for module, imported in graph.items():
         if module != "__init__":
             assert "__init__" not in imported, module

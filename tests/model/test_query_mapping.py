@@ -20,7 +20,7 @@ from sclatent.data import REGISTRY_KEY, SetupError, library_log_prior
 from sclatent.datasets import synthetic
 from sclatent.model import VAE, DenoisingAE, QueryFreezing, SemiSupervisedVAE
 from sclatent.nn.blocks import Dropout
-from sclatent.steps import AutogradStep, make_optimizers, make_step
+from sclatent.steps import AutogradStep, DirectGradientStep, make_optimizers, make_step
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 SMALL = dict(n_latent=3, n_hidden=16)
@@ -215,12 +215,16 @@ def test_only_the_new_batch_rows_train(mapped):
     assert freezing.partly_trained["decoder.body.layers.0.embeddings.0.weight"] == "16 of 48"
 
 
-def test_query_training_takes_the_autograd_step_without_weight_decay(mapped):
+def test_query_training_keeps_the_fast_path_and_masks_gradients_without_weight_decay(mapped):
     query_model, _, _ = mapped
     optimizers = make_optimizers(query_model.module, 1e-3, 0.0, 0.01)
     try:
-        # the gradient hooks rule out the fused direct-gradient pass
-        assert isinstance(make_step(query_model.module, optimizers), AutogradStep)
+        # the gradient masks are the step's, not autograd hooks: the fused direct-gradient pass stays available
+        step = make_step(query_model.module, optimizers)
+        assert isinstance(step, DirectGradientStep if query_model.module.supports_direct_gradients() else AutogradStep)
+        assert {id(p) for p, _ in step.masks} == {
+            id(p) for n, p in query_model.module.named_parameters() if n in query_model.query_freezing.masks
+        }
         assert optimizers["adam"].flat.numel() == sum(m.numel() for m in query_model.query_freezing.masks.values())
     finally:
         optimizers["adam"].release()
