@@ -721,3 +721,38 @@ def test_caller_anndata_changes_only_in_uns():
     SemiSupervisedVAE.from_vae(vae, labels_key="partial")
     _assert_unchanged_but_uns(other, vae_before)
     assert set(other.uns) == set(vae_before["uns"])
+
+
+@pytest.mark.needs_native
+def test_the_fused_m1_pass_equals_the_autograd_path(monkeypatch):
+    """In the count VAE's fused configuration, M1 runs as one autograd node (fused_elbo.fused_pass)
+    whose backward takes the gradients the M2 and classifier terms send into z, mean and var: the
+    loss, every term and every parameter's gradient equal the autograd path's (same random draws)."""
+    from sclatent.data import CellData
+    from sclatent.modules import SemiSupervisedVAEModule, fused_elbo
+
+    adata = synthetic(n_cells=300, n_genes=50, n_clusters=3, n_batches=2, seed=0)
+    rng = np.random.default_rng(0)
+    adata.obs["partial"] = np.where(rng.random(adata.n_obs) < 0.5, adata.obs["cell_type"].astype(str), "Unknown")
+    registry = SemiSupervisedVAE.setup_anndata(adata, labels_key="partial", batch_key="batch")
+    data = CellData(adata, registry)
+    batch = next(
+        iter(data.iterate(np.arange(adata.n_obs), 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    )
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setenv("SCLATENT_FUSED", "1" if fused else "0")
+        torch.manual_seed(0)
+        module = SemiSupervisedVAEModule(50, 3, n_batch=2, n_hidden=32, n_latent=5).train()
+        assert (fused_elbo.fused_spec(module.vae, batch) is not None) == fused
+        torch.manual_seed(123)
+        out = module.loss(batch, kl_weight=0.5)
+        out.loss.backward()
+        results[fused] = (out, {name: p.grad.clone() for name, p in module.named_parameters()})
+    (fused_out, fused_grads), (reference, grads) = results[True], results[False]
+    torch.testing.assert_close(fused_out.loss, reference.loss, rtol=1e-5, atol=1e-4)
+    for name in reference.terms:
+        torch.testing.assert_close(fused_out.terms[name], reference.terms[name], rtol=1e-4, atol=1e-3)
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-5 * scale, msg=name)
