@@ -24,7 +24,11 @@ How a query model is made (:func:`load_query_model`):
    step kind zeroes the gradient of their old entries before the optimiser steps, so the count VAE's
    fused pass still trains a query; every other parameter gets ``requires_grad=False`` (the
    optimiser then leaves it out) unless an option unfreezes it; every BatchNorm whose affine
-   parameters are frozen gets ``momentum=0``, so its running statistics do not move in training.
+   parameters are frozen is held (:meth:`sclatent.nn.blocks.BatchNorm1d.hold`): it normalises with
+   the reference's running statistics in training too, so they do not move and a query batch's
+   shift is not cancelled by the minibatch's own statistics (with train-mode BatchNorm the new
+   batch rows of a one-batch query would get no gradient at all: their shift is the same for every
+   cell of the minibatch).
    Adam's L2 weight decay, which would move frozen entries of a partly trained parameter, is
    refused: a frozen query model trains with ``weight_decay=0``.
 
@@ -53,7 +57,7 @@ from ..data.loader import obs_codes, resolve_device
 from ..data.registry import library_log_prior
 from ..modules.ssvae import SemiSupervisedVAEModule
 from ..modules.vae import VAEModule
-from ..nn.blocks import MLP, Dropout
+from ..nn.blocks import MLP, BatchNorm1d, Dropout
 
 #: Largest fraction of the reference's genes a query may lack (they are filled with zeros). A
 #: missing gene reads as "not expressed" to the encoder and moves every query cell; scvi-tools warns
@@ -232,7 +236,8 @@ class QueryFreezing:
     trainable
         Parameters that train entirely (unfrozen by an option, e.g. ``freeze_expression=False``).
     held_batchnorm
-        BatchNorm layers (module names) whose running statistics are held (``momentum=0``): those
+        BatchNorm layers (module names) held: normalising with their running statistics in
+        training too (``BatchNorm1d.hold``), which therefore do not move: those
         whose affine parameters are frozen.
     freeze_classifier
         Whether the classifier (semi-supervised models) is frozen: its temperature is then kept too.
@@ -329,7 +334,12 @@ def freeze_for_query(
     held = []
     for name, part in module.named_modules():
         if isinstance(part, nn.BatchNorm1d) and id(part.weight) not in trained_ids:
-            part.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistic: unchanged
+            # held: normalised with the reference's running statistics in training too (its
+            # statistics unchanged, and a query batch's covariate shift is not cancelled by the
+            # minibatch's own statistics: the new rows then get a gradient)
+            if isinstance(part, BatchNorm1d):
+                part.hold()
+            part.momentum = 0.0
             held.append(name)
         if freeze_dropout and isinstance(part, Dropout | nn.Dropout):
             part.p = 0.0

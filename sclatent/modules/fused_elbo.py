@@ -149,6 +149,10 @@ def _applicable_spec(module) -> _Spec | None:
     spec = _cached_structure(module)
     if spec is None or spec.out_weight.device.type != "cpu" or spec.out_weight.dtype != torch.float32:
         return None
+    # a held BatchNorm (a frozen layer of a mapped query) normalises with its running statistics,
+    # which the kernels do not: such a module trains through autograd
+    if module.training and not (spec.encoder.norm.training and spec.decoder.norm.training):
+        return None
     # (a module moved to another device or dtype moves every parameter; checking one is enough)
     return spec
 

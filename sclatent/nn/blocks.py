@@ -140,6 +140,27 @@ class TiedLinear(nn.Module):
         return torch.addmm(self.bias, x, weight[:, : self.n_out])
 
 
+class BatchNorm1d(nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` whose statistics can be held.
+
+    A held layer normalises with its running statistics in training too (it stays in eval mode
+    whatever ``train()`` says), so it acts as the fixed affine map it was: what a frozen layer of
+    a query model mapped onto a reference must be (scArches). Held or not, the state dict is a
+    plain ``BatchNorm1d``'s.
+    """
+
+    held: bool = False
+
+    def hold(self, held: bool = True) -> None:
+        """Hold (or release) the running statistics: normalise with them in training as in evaluation."""
+        self.held = bool(held)
+        if self.held:
+            super().train(False)
+
+    def train(self, mode: bool = True) -> BatchNorm1d:
+        return super().train(mode and not self.held)
+
+
 @dataclass(frozen=True)
 class LayerDescription:
     """What one hidden layer of an :class:`MLP` computes, for code that evaluates it by other means
@@ -225,7 +246,7 @@ class MLP(nn.Module):
                     sparse_input=sparse_input and i == 0,
                 )
             )
-            post = [nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3)] if use_batch_norm else []
+            post = [BatchNorm1d(n_out, momentum=0.01, eps=1e-3)] if use_batch_norm else []
             post.append(nn.ReLU())
             if dropout_rate > 0:
                 post.append(Dropout(dropout_rate))

@@ -19,7 +19,7 @@ import torch
 from sclatent.data import REGISTRY_KEY, SetupError, library_log_prior
 from sclatent.datasets import synthetic
 from sclatent.model import VAE, DenoisingAE, QueryFreezing, SemiSupervisedVAE
-from sclatent.nn.blocks import Dropout
+from sclatent.nn.blocks import BatchNorm1d, Dropout
 from sclatent.steps import AutogradStep, DirectGradientStep, make_optimizers, make_step
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
@@ -215,7 +215,7 @@ def test_only_the_new_batch_rows_train(mapped):
     assert freezing.partly_trained["decoder.body.layers.0.embeddings.0.weight"] == "16 of 48"
 
 
-def test_query_training_keeps_the_fast_path_and_masks_gradients_without_weight_decay(mapped):
+def test_query_training_masks_gradients_in_the_step_without_weight_decay(mapped):
     query_model, _, _ = mapped
     optimizers = make_optimizers(query_model.module, 1e-3, 0.0, 0.01)
     try:
@@ -231,6 +231,42 @@ def test_query_training_keeps_the_fast_path_and_masks_gradients_without_weight_d
     assert query_model.query_freezing.weight_decay(None) == 0.0
     with pytest.raises(ValueError, match="weight_decay=1e-06 would move the frozen reference entries"):
         query_model.train(max_epochs=1, weight_decay=1e-6, **TRAIN)
+
+
+def test_held_batchnorm_normalises_with_its_running_statistics_in_training():
+    torch.manual_seed(0)
+    layer = BatchNorm1d(4, momentum=0.5)
+    layer.running_mean.normal_()
+    layer.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 4) * 3 + 5
+    layer.hold()
+    layer.train()  # a model's train() does not release a held layer
+    assert not layer.training
+    statistics = (layer.running_mean.clone(), layer.running_var.clone())
+    expected = (x - statistics[0]) / torch.sqrt(statistics[1] + layer.eps) * layer.weight + layer.bias
+    torch.testing.assert_close(layer(x), expected)
+    assert torch.equal(layer.running_mean, statistics[0]) and torch.equal(layer.running_var, statistics[1])
+    layer.hold(False)
+    layer.train()
+    out = layer(x)  # released: the minibatch's statistics again
+    torch.testing.assert_close(out.mean(0), layer.bias.expand(4), atol=1e-5, rtol=0)
+    assert not torch.equal(layer.running_mean, statistics[0])
+
+
+def test_a_one_batch_query_trains(reference):
+    """Every query cell shares one new batch row: with train-mode BatchNorm its shift would be cancelled
+    by the minibatch's own statistics and the row would get no gradient; held BatchNorms let it train."""
+    _, query, model, state, _ = reference
+    query_model = VAE.load_query_data(query, model)
+    assert all(
+        m.held for m in query_model.module.modules() if isinstance(m, BatchNorm1d)
+    ), "frozen BatchNorms are held"
+    start = query_model.get_latent_representation()
+    query_model.train(max_epochs=15, **TRAIN)
+    moved = np.abs(query_model.get_latent_representation() - start).max()
+    # measured: 0.015 held; 1.2e-07 (float rounding) with the BatchNorms released in training
+    assert moved > 1e-3, f"the query latent moved only {moved:.2g}"
+    _assert_same_state(state, model)
 
 
 def test_saved_query_model_round_trips(reference, mapped, tmp_path):
