@@ -149,10 +149,6 @@ def _applicable_spec(module) -> _Spec | None:
     spec = _cached_structure(module)
     if spec is None or spec.out_weight.device.type != "cpu" or spec.out_weight.dtype != torch.float32:
         return None
-    # a held BatchNorm (a frozen layer of a mapped query) normalises with its running statistics,
-    # which the kernels do not: such a module trains through autograd
-    if module.training and not (spec.encoder.norm.training and spec.decoder.norm.training):
-        return None
     # (a module moved to another device or dtype moves every parameter; checking one is enough)
     return spec
 
@@ -259,9 +255,11 @@ def _normalise(kernel, layer: _Layer, pre: torch.Tensor, mask: torch.Tensor | No
     Returns the output and what the backward reads: ``(out, xhat, gate, rstd)``.
     """
     n_cells, width = pre.shape
+    norm = layer.norm
+    if not norm.training:
+        return _normalise_held(norm, pre, mask)
     out, xhat, gate = (torch.empty_like(pre) for _ in range(3))
     mean, var, rstd = (torch.empty(width) for _ in range(3))
-    norm = layer.norm
     kernel.bn_relu_forward(
         n_cells,
         width,
@@ -284,8 +282,29 @@ def _normalise(kernel, layer: _Layer, pre: torch.Tensor, mask: torch.Tensor | No
     return out, xhat, gate, rstd
 
 
+def _normalise_held(norm, pre: torch.Tensor, mask: torch.Tensor | None):
+    """:func:`_normalise` for a held BatchNorm (:meth:`sclatent.nn.blocks.BatchNorm1d.hold`: a frozen
+    layer of a mapped query), which normalises with its running statistics and leaves them as they
+    are: a fixed per-feature affine map, then ReLU and dropout (few enough operations for torch)."""
+    rstd = torch.rsqrt(norm.running_var + norm.eps)
+    xhat = (pre - norm.running_mean) * rstd
+    affine = torch.addcmul(norm.bias, xhat, norm.weight)
+    gate = (affine > 0).to(pre.dtype)
+    if mask is not None:
+        gate.mul_(mask)
+    return affine.mul_(gate), xhat, gate, rstd
+
+
+def _normalise_held_backward(norm, grad_out: torch.Tensor, xhat, gate, rstd):
+    """:func:`_normalise_backward` of :func:`_normalise_held` (the statistics are constants)."""
+    grad_affine = grad_out * gate
+    return grad_affine * (norm.weight * rstd), (grad_affine * xhat).sum(0), grad_affine.sum(0)
+
+
 def _normalise_backward(kernel, layer: _Layer, grad_out: torch.Tensor, xhat, gate, rstd):
     """``(grad_pre, grad_gamma, grad_beta)`` for :func:`_normalise`'s output gradient ``grad_out``."""
+    if not layer.norm.training:
+        return _normalise_held_backward(layer.norm, grad_out, xhat, gate, rstd)
     n_cells, width = grad_out.shape
     grad_pre = torch.empty_like(grad_out)
     grad_gamma, grad_beta = torch.empty(width), torch.empty(width)
@@ -431,11 +450,12 @@ def _backward(
     grad_z: torch.Tensor | None = None,
     grad_mean: torch.Tensor | None = None,
     grad_var: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor | None]:
     """Gradients, in the order of :meth:`_Spec.parameters`, of ``sum_b weight_rec_b rec_b +
     weight_kl_b kl_b`` (``(B,)`` weights; the mean loss has ``1 / B`` and ``kl_weight / B``), plus
     whatever a caller's own objective sends back into the sample ``z`` and the posterior's ``mean``
-    and ``var`` (``(B, L)`` gradients, or None)."""
+    and ``var`` (``(B, L)`` gradients, or None). The output layer's and the first layer's weights
+    get None when they do not require a gradient (frozen, as in a mapped query)."""
     kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
     n_cells, width = saved.hidden_enc.shape
     n_latent = saved.z.shape[1]
@@ -444,10 +464,14 @@ def _backward(
     row_scale = weight_rec.neg()
     scaled_hidden_dec = saved.hidden_dec * row_scale.unsqueeze(1)
     grad_heads = saved.grad_heads
-    grad_out_weight = torch.empty_like(spec.out_weight)
     grad_hidden_dec = torch.empty_like(saved.hidden_dec)
+    # frozen parameters (a mapped query's reference weights) get no gradient (None): the output
+    # layer's weight gradient is half the pass's arithmetic
+    grad_out_weight = torch.empty_like(spec.out_weight) if spec.out_weight.requires_grad else None
+    if grad_out_weight is None:
+        torch.mm(grad_heads, spec.out_weight, out=grad_hidden_dec)
     # the two (G or 2G, B) x (B, H)-sized products of the output layer, side by side
-    if not _gemm_pair(
+    elif not _gemm_pair(
         (grad_out_weight, grad_heads, True, scaled_hidden_dec, False, 1.0, 0.0),
         (grad_hidden_dec, grad_heads, False, spec.out_weight, False, 1.0, 0.0),
     ):
@@ -489,18 +513,19 @@ def _backward(
     grad_pre_enc, grad_gamma_enc, grad_beta_enc = _normalise_backward(
         kernel, enc, grad_hidden_enc, saved.xhat_enc, saved.gate_enc, saved.rstd_enc
     )
-    grad_enc_weight = torch.empty_like(enc.weight)
-    kernel.sparse_linear_backward_weight(
-        n_cells,
-        enc.weight.shape[0],
-        width,
-        saved.row_ptr.data_ptr(),
-        saved.cols.data_ptr(),
-        saved.log_counts.data_ptr(),
-        grad_pre_enc.data_ptr(),
-        grad_enc_weight.data_ptr(),
-        torch.get_num_threads(),
-    )
+    grad_enc_weight = torch.empty_like(enc.weight) if enc.weight.requires_grad else None
+    if grad_enc_weight is not None:
+        kernel.sparse_linear_backward_weight(
+            n_cells,
+            enc.weight.shape[0],
+            width,
+            saved.row_ptr.data_ptr(),
+            saved.cols.data_ptr(),
+            saved.log_counts.data_ptr(),
+            grad_pre_enc.data_ptr(),
+            grad_enc_weight.data_ptr(),
+            torch.get_num_threads(),
+        )
     grad_enc_bias = grad_pre_enc.sum(0)
     grad_enc_embeddings = _embedding_gradients(enc, saved.codes, grad_pre_enc)
     return [

@@ -72,9 +72,12 @@ def _loss(module, batch, fused: bool, monkeypatch, kl_weight: float = 0.4):
 
 def _assert_same_gradients(fused_module, reference_module):
     grads = dict(reference_module.named_parameters())
-    scale = max(float(p.grad.abs().max()) for p in grads.values())
+    scale = max(float(p.grad.abs().max()) for p in grads.values() if p.grad is not None)
     for name, parameter in fused_module.named_parameters():
         expected = grads[name].grad
+        if expected is None:  # frozen in both
+            assert parameter.grad is None, name
+            continue
         # the biases before a BatchNorm have zero gradient mathematically: both paths give rounding
         # noise there, hence the absolute tolerance relative to the largest gradient of the model
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
@@ -112,6 +115,45 @@ def test_fused_loss_gradients_and_running_statistics_equal_autograd(data, option
     reference_buffers = dict(reference_module.named_buffers())
     for name, buffer in fused_module.named_buffers():
         torch.testing.assert_close(buffer, reference_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _large_weights(module: VAEModule) -> list[torch.Tensor]:
+    """The first layer's and the output layer's weights (the fused pass's two largest gradients)."""
+    return [module.z_encoder.body.layers[0].linear.weight, module.decoder.out.weight]
+
+
+@pytest.mark.parametrize("held", ["encoder", "decoder", "both"])
+def test_held_batchnorm_is_fused_and_equals_autograd(data, held, monkeypatch):
+    """A held BatchNorm (a frozen layer of a mapped query: running statistics in training too) keeps
+    the fused pass: same loss, gradients and (unmoved) running statistics as autograd."""
+    batch = _minibatch(_cell_data(data))
+    modules = {True: _module(), False: _module()}
+    for module in modules.values():
+        with torch.no_grad():  # statistics away from the initial (0, 1), so that holding them matters
+            for norm in (module.z_encoder.body.post[0][0], module.decoder.body.post[0][0]):
+                norm.running_mean.copy_(torch.linspace(-0.5, 0.5, norm.num_features))
+                norm.running_var.copy_(torch.linspace(2.0, 0.5, norm.num_features))
+        layers = {"encoder": [module.z_encoder], "decoder": [module.decoder]}.get(
+            held, [module.z_encoder, module.decoder]
+        )
+        for layer in layers:
+            layer.body.post[0][0].hold()
+        if held == "both":  # a mapped query: the two large weights frozen (the pass skips their gradients)
+            for parameter in _large_weights(module):
+                parameter.requires_grad_(False)
+    statistics = {name: b.clone() for name, b in modules[True].named_buffers() if "running" in name}
+    assert fused_spec(modules[True], batch) is not None
+    outputs = {fused: _loss(module, batch, fused, monkeypatch) for fused, module in modules.items()}
+    torch.testing.assert_close(outputs[True].loss, outputs[False].loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(outputs[True].terms["kl"], outputs[False].terms["kl"], rtol=1e-5, atol=1e-5)
+    for out in outputs.values():
+        out.loss.backward()
+    _assert_same_gradients(modules[True], modules[False])
+    reference_buffers = dict(modules[False].named_buffers())
+    for name, buffer in modules[True].named_buffers():
+        torch.testing.assert_close(buffer, reference_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+        if name in statistics and (held == "both" or name.startswith({"encoder": "z_", "decoder": "decoder"}[held])):
+            assert torch.equal(buffer, statistics[name]), f"held statistics {name} moved"
 
 
 def test_fused_gradient_of_per_cell_terms_equals_autograd(data, monkeypatch):
