@@ -348,7 +348,12 @@ class SemiSupervisedVAE(BaseModel):
 
     @torch.no_grad()
     def predict(
-        self, adata: ad.AnnData | None = None, indices=None, soft: bool = False, batch_size: int = 1024
+        self,
+        adata: ad.AnnData | None = None,
+        indices=None,
+        soft: bool = False,
+        batch_size: int = 1024,
+        calibrated: bool = True,
     ) -> np.ndarray | pd.DataFrame:
         """The classifier's label for each cell, or its (temperature-scaled) probabilities.
 
@@ -363,6 +368,10 @@ class SemiSupervisedVAE(BaseModel):
             Return probabilities instead of labels.
         batch_size
             Cells per forward pass.
+        calibrated
+            Divide the logits by the fitted temperature (:attr:`temperature`); ``False`` gives the
+            classifier's raw probabilities (to measure what calibration changed). The labels are
+            the same either way.
 
         Returns
         -------
@@ -370,8 +379,9 @@ class SemiSupervisedVAE(BaseModel):
             ``(n_cells,)`` object array of labels (``model.classes``); with ``soft=True`` a cells x
             classes DataFrame of probabilities (rows sum to 1, index the cells' names).
         """
+        scale = 1.0 if calibrated else self.temperature  # undoes predict_logits' 1 / T
         chunks = [
-            torch.softmax(self.module.predict_logits(batch), dim=-1).cpu()
+            torch.softmax(self.module.predict_logits(batch) * scale, dim=-1).cpu()
             for batch in self._batches(adata, indices, batch_size)
         ]
         proba = torch.cat(chunks).numpy().astype(np.float64) if chunks else np.zeros((0, len(self.classes)))

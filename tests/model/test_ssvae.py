@@ -135,6 +135,8 @@ def test_predictions_come_from_the_posterior_mean_and_temperature_keeps_labels(t
     np.testing.assert_array_equal(model.predict(), np.asarray(model.classes, dtype=object)[logits.argmax(1)])
     expected = torch.softmax(torch.as_tensor(logits / model.temperature), 1).numpy()
     np.testing.assert_allclose(model.predict(soft=True).to_numpy(), expected, rtol=1e-4, atol=1e-6)
+    raw = torch.softmax(torch.as_tensor(logits), 1).numpy()
+    np.testing.assert_allclose(model.predict(soft=True, calibrated=False).to_numpy(), raw, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- from_vae
