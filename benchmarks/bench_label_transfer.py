@@ -44,7 +44,7 @@ Run from the repository root::
     # smoke run (epochs 3 / 2 / 2, seed 0; about 2 minutes on an idle machine, numbers meaningless)
     SCLATENT_DATA_DIR=/work/shared/data PYTHONPATH=. python benchmarks/bench_label_transfer.py --quick
 
-    # the full run: the defaults spelt out (2 CPU threads per process; estimated 35-45 minutes on an
+    # the full run: the defaults spelt out (2 CPU threads per process; about 41 minutes on an
     # idle 2-core machine, see benchmarks/README.md)
     SCLATENT_DATA_DIR=/work/shared/data PYTHONPATH=. python benchmarks/bench_label_transfer.py \\
         --tasks pbmc,cellbench,scarcity --seeds 0,1,2,3,4 --fractions 0.01,0.1,1 \\

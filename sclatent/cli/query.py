@@ -86,8 +86,7 @@ def map_query(args: argparse.Namespace) -> dict:
         counts = ", ".join(f"{label} {n}" for label, n in summary["predicted"].items())
         mean_probability = float(prepared.obs["sclatent_prediction_probability"].mean())
         print(
-            f"  predicted       {counts} (mean probability {mean_probability:.2f}, "
-            f"temperature {model.temperature:.2f})"
+            f"  predicted       {counts} (mean probability {mean_probability:.2f}, temperature {model.temperature:.2f})"
         )
     if "mixing" in summary:
         print(f"  reference/query kNN entropy {summary['mixing']:.3f} in the shared latent (1: fully mixed)")

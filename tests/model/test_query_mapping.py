@@ -258,9 +258,7 @@ def test_a_one_batch_query_trains(reference):
     by the minibatch's own statistics and the row would get no gradient; held BatchNorms let it train."""
     _, query, model, state, _ = reference
     query_model = VAE.load_query_data(query, model)
-    assert all(
-        m.held for m in query_model.module.modules() if isinstance(m, BatchNorm1d)
-    ), "frozen BatchNorms are held"
+    assert all(m.held for m in query_model.module.modules() if isinstance(m, BatchNorm1d)), "frozen BatchNorms are held"
     start = query_model.get_latent_representation()
     query_model.train(max_epochs=15, **TRAIN)
     moved = np.abs(query_model.get_latent_representation() - start).max()
