@@ -1,6 +1,7 @@
 """AnnData-facing models: ``setup_anndata`` -> ``Model(adata)`` -> ``train`` -> outputs."""
 
 from ._base import BaseModel
+from ._expression import CountExpressionOutputs
 from ._query import QueryFreezing
 from .autoencoder import DenoisingAE
 from .contrastive import ContrastiveModel
@@ -14,6 +15,7 @@ __all__ = [
     "BaseModel",
     "CellGAN",
     "ContrastiveModel",
+    "CountExpressionOutputs",
     "DenoisingAE",
     "MaskedGeneModel",
     "QueryFreezing",

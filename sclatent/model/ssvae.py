@@ -17,6 +17,7 @@ from ..data.registry import library_log_prior
 from ..metrics.calibration import fit_temperature
 from ..modules.ssvae import _CORE_FIELDS, SemiSupervisedVAEHyperparameters, SemiSupervisedVAEModule
 from ._base import BaseModel
+from ._expression import CountExpressionOutputs
 from .vae import VAE
 
 #: Default epochs of a semi-supervised training that starts from a trained VAE's weights (scANVI
@@ -26,7 +27,7 @@ FROM_VAE_EPOCHS = 20
 MIN_CALIBRATION_CELLS = 20
 
 
-class SemiSupervisedVAE(BaseModel):
+class SemiSupervisedVAE(CountExpressionOutputs, BaseModel):
     """Semi-supervised VAE for label transfer (scANVI's model: Kingma et al. 2014's M1+M2 on counts).
 
     A count VAE's latent ``z1`` (M1) is generated from a class ``y`` and a second latent ``z2``
@@ -326,6 +327,12 @@ class SemiSupervisedVAE(BaseModel):
         return float(torch.exp(self.module.log_temperature))
 
     # ----------------------------------------------------------------- outputs
+
+    def _count_module(self):
+        """The count VAE (M1) that decodes the counts: denoised and counterfactual expression
+        (``get_normalized_expression(transform_batch=...)``), posterior predictive samples and the
+        latent library size come from it, as for :class:`~sclatent.model.VAE`."""
+        return self.module.vae
 
     @property
     def classes(self) -> list[str]:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import torch
 
 from ..base import seeded
-from ..data.ondisk import MatrixWriter
 from ..data.registry import library_log_prior
 from ..modules.vae import VAEHyperparameters, VAEModule
 from ._base import BaseModel
+from ._expression import CountExpressionOutputs
 
 
-class VAE(BaseModel):
+class VAE(CountExpressionOutputs, BaseModel):
     """Variational autoencoder for single-cell counts (the scVI model).
 
     Parameters
@@ -63,6 +59,9 @@ class VAE(BaseModel):
             kwargs["library_log_means"], kwargs["library_log_vars"] = prior
         return kwargs
 
+    def _count_module(self) -> VAEModule:
+        return self.module
+
     # ----------------------------------------------------------------- outputs
 
     @torch.no_grad()
@@ -92,70 +91,6 @@ class VAE(BaseModel):
                 inf = self.module.inference(batch)
                 out.append((self.module.latent_mean(inf) if give_mean else inf["z"]).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.module.n_latent), np.float32)
-
-    @torch.no_grad()
-    def get_normalized_expression(
-        self,
-        adata: ad.AnnData | None = None,
-        indices=None,
-        library_size: float | Literal["latent"] = 1.0,
-        n_samples: int = 1,
-        batch_size: int = 256,
-        return_numpy: bool = False,
-        seed: int | None = None,
-        out: str | os.PathLike | None = None,
-    ) -> pd.DataFrame | np.ndarray | Path:
-        """Denoised expression: the decoder's mean, averaged over ``n_samples`` posterior draws.
-
-        Parameters
-        ----------
-        library_size
-            A number scales the normalised expression (rows sum to ``library_size``; 1e4 gives
-            counts per 10k); ``"latent"`` returns expected counts at each cell's own library size.
-        n_samples
-            Posterior samples of z to average (1 uses the posterior mean).
-        out
-            Write the result to this new ``.h5ad`` file or ``.zarr`` store minibatch by minibatch
-            instead of returning it (the dense ``(n_cells, n_genes)`` result of a large dataset does
-            not fit in memory): an AnnData whose dense ``X`` holds the values, with the cells' and
-            genes' names; open it with ``anndata.read_h5ad(out, backed="r")`` or
-            :func:`sclatent.data.read_backed`. Memory stays at one minibatch.
-
-        Returns
-        -------
-        pandas.DataFrame, numpy.ndarray or pathlib.Path
-            ``(n_cells, n_genes)`` DataFrame (cells x genes) or array with ``return_numpy``; the path
-            written with ``out``.
-        """
-        writer = None
-        if out is not None:
-            data_obs = (self.adata if adata is None else adata).obs_names
-            rows = data_obs if indices is None else data_obs[self._indices(self._data(adata), indices)]
-            writer = MatrixWriter(out, rows, self.var_names)
-        chunks = []
-        with seeded(seed), writer or contextlib.nullcontext():
-            for batch in self._batches(adata, indices, batch_size):
-                inf = self.module.inference(batch, n_samples=n_samples)
-                z = self.module.latent_mean(inf) if n_samples == 1 else inf["z"]
-                log_library = inf["ql_mean"] if "ql_mean" in inf and n_samples == 1 else inf["log_library"]
-                gen = self.module.generative(z, log_library, batch)
-                values = torch.exp(gen["log_mu"] if library_size == "latent" else gen["log_scale"])
-                if n_samples > 1:
-                    values = values.mean(0)
-                if library_size != "latent":
-                    values = values * float(library_size)
-                if writer is not None:
-                    writer.write(values.cpu().numpy())
-                else:
-                    chunks.append(values.cpu())
-        if writer is not None:
-            return writer.path
-        values = torch.cat(chunks).numpy() if chunks else np.zeros((0, self.registry.n_genes), np.float32)
-        if return_numpy:
-            return values
-        data_obs = (self.adata if adata is None else adata).obs_names
-        rows = data_obs if indices is None else data_obs[self._indices(self._data(adata), indices)]
-        return pd.DataFrame(values, index=rows, columns=self.var_names)
 
     @torch.no_grad()
     def get_marginal_ll(
@@ -226,28 +161,3 @@ class VAE(BaseModel):
             raise ValueError(f"z must be (n, {self.module.n_latent}), got {tuple(z.shape)}.")
         self.module.eval()
         return self.module.prior_log_prob(z).cpu().numpy().astype(np.float64)
-
-    @torch.no_grad()
-    def posterior_predictive_sample(
-        self,
-        adata: ad.AnnData | None = None,
-        indices=None,
-        n_samples: int = 1,
-        batch_size: int = 128,
-        seed: int | None = None,
-    ) -> np.ndarray:
-        """Counts drawn from the posterior predictive: z, l ~ q, then x ~ p(x | z, l).
-
-        Returns
-        -------
-        numpy.ndarray
-            ``(n_cells, n_genes)`` float32 integer counts, or ``(n_cells, n_genes, n_samples)``.
-        """
-        out = []
-        with seeded(seed):
-            for batch in self._batches(adata, indices, batch_size):
-                out.append(self.module.posterior_predictive(batch, n_samples).permute(1, 2, 0).cpu())
-        if not out:
-            return np.zeros((0, self.registry.n_genes) + ((n_samples,) if n_samples > 1 else ()), np.float32)
-        samples = torch.cat(out).numpy()
-        return samples[..., 0] if n_samples == 1 else samples

@@ -496,12 +496,15 @@ class VAEModule(Module):
         return torch.logsumexp(torch.cat(weights), dim=0) - math.log(n_samples)
 
     @torch.no_grad()
-    def posterior_predictive(self, batch: MiniBatch, n_samples: int = 1) -> torch.Tensor:
-        """Counts drawn from p(x | z, l) with z, l ~ q; ``(n_samples, B, G)``."""
+    def posterior_predictive(
+        self, batch: MiniBatch, n_samples: int = 1, decode_batch: MiniBatch | None = None
+    ) -> torch.Tensor:
+        """Counts drawn from p(x | z, l) with z, l ~ q; ``(n_samples, B, G)``. ``decode_batch``: the
+        same cells with other covariates for the decoder (a counterfactual batch); default ``batch``."""
         inf = self.inference(batch, n_samples=n_samples)
         z, log_library = inf["z"], inf["log_library"]
         if n_samples == 1:
             z, log_library = z.unsqueeze(0), log_library.unsqueeze(0)
-        gen = self.generative(z, log_library, batch)
+        gen = self.generative(z, log_library, batch if decode_batch is None else decode_batch)
         theta = gen["theta"].expand_as(gen["log_mu"]) if gen["theta"] is not None else None
         return sample(self.gene_likelihood, torch.exp(gen["log_mu"]), theta, gen["zi_logits"])
