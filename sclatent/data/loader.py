@@ -17,6 +17,7 @@ AnnData constructor and the on-disk buffers both go through it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,11 @@ class MiniBatch:
         cats = [self.batch_index, *self.categorical_covariates.unbind(-1)]
         cont = self.continuous_covariates if self.continuous_covariates.shape[-1] else None
         return cats, cont
+
+    def in_batch(self, code: int) -> MiniBatch:
+        """These cells with every batch code set to ``code`` (counts and other covariates unchanged):
+        what a decoder reads to give counterfactual expression in another batch."""
+        return dataclasses.replace(self, batch_index=torch.full_like(self.batch_index, code))
 
     def select_rows(self, begin: int, end: int, row_ptr: list[int] | None = None) -> MiniBatch:
         """Cells ``begin:end`` of this minibatch as a minibatch (mostly views).

@@ -11,7 +11,6 @@ decoder's batch input changes, as in scvi-tools' ``transform_batch``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,11 +57,6 @@ def batch_codes(registry: Registry, transform_batch: TransformBatch) -> list[int
             "them (the expression is averaged over the list), or None for each cell's own batch."
         )
     return [known.index(str(name)) for name in names]
-
-
-def as_batch(batch: MiniBatch, code: int) -> MiniBatch:
-    """``batch`` with every cell's batch code set to ``code`` (the counts and covariates unchanged)."""
-    return dataclasses.replace(batch, batch_index=torch.full_like(batch.batch_index, code))
 
 
 def gene_positions(var_names: list[str], gene_list: Sequence[str] | None) -> np.ndarray | None:
@@ -163,7 +157,7 @@ class CountExpressionOutputs:
                     values = self._decoded(module, z, log_library, batch, library_size)
                 else:
                     values = sum(
-                        self._decoded(module, z, log_library, as_batch(batch, code), library_size) for code in codes
+                        self._decoded(module, z, log_library, batch.in_batch(code), library_size) for code in codes
                     ) / len(codes)
                 if n_samples > 1:
                     values = values.mean(0)
@@ -220,12 +214,110 @@ class CountExpressionOutputs:
         out = []
         with seeded(seed):
             for batch in self._batches(adata, indices, batch_size):
-                decode = None if codes is None else as_batch(batch, codes[0])
+                decode = None if codes is None else batch.in_batch(codes[0])
                 out.append(module.posterior_predictive(batch, n_samples, decode_batch=decode).permute(1, 2, 0).cpu())
         if not out:
             return np.zeros((0, self.registry.n_genes) + ((n_samples,) if n_samples > 1 else ()), np.float32)
         samples = torch.cat(out).numpy()
         return samples[..., 0] if n_samples == 1 else samples
+
+    def differential_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        groupby: str | None = None,
+        group1=None,
+        group2=None,
+        idx1=None,
+        idx2=None,
+        mode: Literal["change", "vanilla"] = "change",
+        delta: float = 0.25,
+        batch_correction: bool = False,
+        fdr_target: float = 0.05,
+        n_samples: int = 5000,
+        pseudocounts: float | None = None,
+        batch_size: int = 256,
+        seed: int | None = 0,
+        key_added: str | None = None,
+        progress_bar: bool = True,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between groups of cells (scVI's test; the maths is in
+        the docstring of ``sclatent/model/_differential.py``).
+
+        Parameters
+        ----------
+        adata
+            Cells to compare (default: the model's AnnData).
+        groupby
+            obs column of the groups.
+        group1, group2
+            A group (or list of groups) of ``groupby`` and what it is compared with (default: every
+            other cell). ``group1=None``: every group against the rest.
+        idx1, idx2
+            Cell positions or boolean masks instead of ``groupby`` groups (``idx2=None``: the rest).
+        mode
+            ``"change"``: ``proba_de = P(|log2 FC| > delta)``; ``"vanilla"``: the probability of the
+            more likely direction.
+        delta
+            Smallest log2 fold change that counts as an effect (``mode="change"``).
+        batch_correction
+            Decode both groups in every batch they hold and average (counterfactual expression), so
+            a batch that differs between the groups does not pass for an effect.
+        fdr_target
+            Target of the posterior expected false discovery proportion (``is_de_fdr_<target>``).
+        n_samples
+            Posterior draws of the normalised expression per group (spread evenly over its cells).
+        pseudocounts
+            Added to the normalised expression before the log; None: estimated from the genes with
+            no count in either group.
+        batch_size, seed, progress_bar
+            Cells per forward pass; seed of the draws; a progress bar over the comparisons.
+        key_added
+            Also write scanpy's ``rank_genes_groups`` structure to ``adata.uns[key_added]`` (one
+            entry per ``group1``; ``names`` ranked by ``proba_de``, ``scores`` the Bayes factors,
+            ``logfoldchanges`` the mean log2 fold changes, ``pvals`` ``proba_not_de``, ``pvals_adj``
+            the expected FDR of each top-k list), for ``sc.get.rank_genes_groups_df(adata, group,
+            key=key_added)`` and ``sc.pl.rank_genes_groups_dotplot(adata, key=key_added)``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Genes x columns, one block per comparison sorted by ``proba_de``: ``lfc_mean``,
+            ``lfc_median``, ``lfc_std`` (log2), ``proba_de``, ``proba_not_de``, ``bayes_factor``,
+            ``is_de_fdr_<target>``, ``scale1``, ``scale2`` (mean normalised expression),
+            ``raw_mean1``, ``raw_mean2``, ``non_zeros_proportion1``, ``non_zeros_proportion2``,
+            ``group1``, ``group2``, ``comparison``.
+
+        Raises
+        ------
+        ValueError
+            A missing ``groupby`` column, an unknown group, a group with fewer than 2 cells, an
+            unknown ``mode``, or ``batch_correction`` on a model without batches.
+        """
+        from ._differential import differential_expression, rank_genes_groups_structure
+
+        result, comparisons = differential_expression(
+            self,
+            self._count_module(),
+            adata,
+            groupby,
+            group1,
+            group2,
+            idx1,
+            idx2,
+            mode,
+            delta,
+            batch_correction,
+            fdr_target,
+            n_samples,
+            pseudocounts,
+            batch_size,
+            seed,
+            progress_bar,
+        )
+        if key_added is not None:
+            target = self.adata if adata is None else adata
+            target.uns[key_added] = rank_genes_groups_structure(result, comparisons, groupby, fdr_target, mode)
+        return result
 
     @torch.no_grad()
     def get_latent_library_size(
@@ -266,4 +358,4 @@ class CountExpressionOutputs:
         return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
 
 
-__all__ = ["CountExpressionOutputs", "as_batch", "batch_codes", "gene_positions"]
+__all__ = ["CountExpressionOutputs", "batch_codes", "gene_positions"]
