@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: the CLI and tests run without a display
 import matplotlib.pyplot as plt
+import numpy as np
 import scanpy as sc
 
 _TITLES = {
@@ -163,4 +164,54 @@ def plot_reliability(
     if path is not None:
         figure.savefig(path, dpi=120)
         plt.close(figure)
+    return figure
+
+
+def plot_posterior_predictive_check(check, path: str | os.PathLike | None = None) -> plt.Figure:
+    """Observed vs posterior-predictive per-gene statistics of a
+    :class:`~sclatent.metrics.PosteriorPredictiveCheck`: coefficient of variation, zero fraction,
+    the mean-variance relation, and the coverage of the central predictive intervals.
+
+    Parameters
+    ----------
+    check
+        The result of :func:`sclatent.metrics.posterior_predictive_check`.
+    path
+        PNG to write (the figure is returned either way).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Four panels; on the first two, points on the diagonal are genes the model reproduces.
+    """
+    genes = check.genes
+    expressed = (genes["observed_mean"] > 0) & (genes["predicted_mean"] > 0)
+    g = genes[expressed]
+    figure, axes = plt.subplots(1, 4, figsize=(17, 4.2), constrained_layout=True)
+    ax = axes[0]
+    ax.loglog(g["observed_cv"], g["predicted_cv"], ".", markersize=3, alpha=0.6)
+    ax.set(xlabel="observed CV", ylabel="predicted CV", title="coefficient of variation per gene")
+    ax = axes[1]
+    ax.plot(genes["observed_zero_fraction"], genes["predicted_zero_fraction"], ".", markersize=3, alpha=0.6)
+    ax.set(xlabel="observed zero fraction", ylabel="predicted zero fraction", title="zeros per gene")
+    for ax in axes[:2]:
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color="0.5", linestyle=":", linewidth=1)
+    ax = axes[2]
+    ax.loglog(g["observed_mean"], g["observed_var"], ".", markersize=3, alpha=0.5, label="observed")
+    ax.loglog(g["predicted_mean"], g["predicted_var"], ".", markersize=3, alpha=0.5, label="predicted")
+    ax.set(xlabel="mean count", ylabel="variance", title="mean-variance relation")
+    ax.legend(frameon=False)
+    ax = axes[3]
+    levels = [c for c in genes.columns if c.startswith("coverage_")]
+    nominal = [int(c.split("_")[1]) / 100 for c in levels]
+    observed = [float(genes[c].mean()) for c in levels]
+    positions = np.arange(len(levels))
+    ax.bar(positions - 0.18, nominal, width=0.36, color="0.75", label="nominal")
+    ax.bar(positions + 0.18, observed, width=0.36, label="observed")
+    ax.set_xticks(positions, [f"{round(n * 100)} % interval" for n in nominal])
+    ax.set(ylim=(0, 1), ylabel="fraction of counts inside", title=f"predictive intervals ({check.n_samples} draws)")
+    ax.legend(frameon=False)
+    if path is not None:
+        figure.savefig(path, dpi=110)
     return figure

@@ -1,5 +1,5 @@
 """Evaluation: clustering agreement, embedding quality and batch mixing, the imputation protocol,
-and model-free baselines."""
+posterior predictive checks, calibration, and model-free baselines."""
 
 from .baselines import (
     diffusion_operator,
@@ -12,6 +12,7 @@ from .baselines import (
 from .clustering import leiden_scores, neighbors_umap_leiden
 from .embedding import batch_asw, batch_entropy, knn_accuracy, label_asw, linear_probe_scores
 from .imputation import CORRUPTION_METHODS, Corruption, corrupt_counts, median_l1
+from .ppc import PosteriorPredictiveCheck, posterior_predictive_check
 from .realism import (
     classifier_two_sample_auroc,
     gene_statistic_correlations,
@@ -24,6 +25,7 @@ from .realism import (
 __all__ = [
     "CORRUPTION_METHODS",
     "Corruption",
+    "PosteriorPredictiveCheck",
     "batch_asw",
     "batch_entropy",
     "classifier_two_sample_auroc",
@@ -43,6 +45,7 @@ __all__ = [
     "nb_baseline_log_likelihood",
     "neighbors_umap_leiden",
     "pca_embedding",
+    "posterior_predictive_check",
     "realism_metrics",
     "split_halves",
 ]
