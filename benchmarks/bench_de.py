@@ -1,0 +1,222 @@
+"""Differential expression against simulated ground truth: sclatent (VAE + ``differential_expression``)
+vs scvi-tools (SCVI + ``differential_expression``), both ``mode="change"``, ``batch_correction=True``,
+the same epochs, beside scanpy's Wilcoxon and t-test on log-normalised counts.
+
+Designs (``sclatent.datasets.synthetic``, 3 cell types, 2 batches with a per-gene batch shift):
+
+* ``balanced``: both groups spread evenly over the batches (batch effect sd 0.5);
+* ``confounded``: group A (``type_0``) 75 % in batch 0, group B (``type_1``) 25 % in batch 0, by
+  subsampling cells (batch effect sd 1.0): a batch shift that Wilcoxon cannot tell from biology.
+
+Ground truth per gene: the log2 fold change of the true normalised expression (the simulator's
+``true_mean`` over the cell's library) between A and B, within each batch, averaged over batches
+(the batch shift cancels within a batch). "DE" genes: ``|true log2 FC| >= 0.5``; a call on a gene
+with ``|true log2 FC| < 0.25`` is a false discovery.
+
+Reported per method: AUPRC of ranking the DE genes (``proba_de``; scanpy: the test statistic's
+absolute value), Pearson correlation of estimated and true log2 FC, the observed false discovery
+proportion of the genes called at the 5 % target (``is_de_fdr_0.05``; scanpy: BH-adjusted p <
+0.05), the number called, and wall time (training + DE). Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/bench_de.py --out benchmarks/results_de.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+DESIGNS = {"balanced": {"batch_effect": 0.5, "confound": None}, "confounded": {"batch_effect": 1.0, "confound": 0.75}}
+GROUP_A, GROUP_B = "type_0", "type_1"
+DE_THRESHOLD, NULL_THRESHOLD, DELTA = 0.5, 0.25, 0.25
+
+
+def simulate(design: str, n_cells: int, n_genes: int, seed: int):
+    """The design's AnnData (counts, ``group``, ``batch``) and the true log2 FC of A vs B per gene."""
+    from sclatent.datasets import synthetic
+
+    settings = DESIGNS[design]
+    adata = synthetic(
+        n_cells=int(n_cells * 1.6),
+        n_genes=n_genes,
+        n_clusters=3,
+        n_batches=2,
+        batch_effect=settings["batch_effect"],
+        seed=seed,
+    )
+    groups = adata.obs["cell_type"].astype(str).to_numpy()
+    batches = adata.obs["batch"].astype(str).to_numpy()
+    rng = np.random.default_rng(seed)
+    keep = []
+    for group in np.unique(groups):
+        cells = np.flatnonzero(groups == group)
+        share = settings["confound"]
+        if share is None or group not in (GROUP_A, GROUP_B):
+            keep.append(rng.permutation(cells)[: n_cells // 3])
+            continue
+        share = share if group == GROUP_A else 1 - share
+        in_0, in_1 = (
+            rng.permutation(cells[batches[cells] == "batch_0"]),
+            rng.permutation(cells[batches[cells] == "batch_1"]),
+        )
+        total = min(n_cells // 3, int(min(len(in_0) / share, len(in_1) / (1 - share))))
+        first = round(share * total)
+        keep += [in_0[:first], in_1[: total - first]]
+    adata = adata[np.sort(np.concatenate(keep))].copy()
+    adata.obs["group"] = adata.obs["cell_type"].astype(str)
+    truth = adata.layers["true_mean"] / adata.layers["true_mean"].sum(1, keepdims=True)
+    groups, batches = adata.obs["group"].to_numpy(), adata.obs["batch"].astype(str).to_numpy()
+    per_batch = [
+        np.log2(truth[(groups == GROUP_A) & (batches == b)].mean(0))
+        - np.log2(truth[(groups == GROUP_B) & (batches == b)].mean(0))
+        for b in np.unique(batches)
+    ]
+    return adata, np.mean(per_batch, axis=0)
+
+
+def scores(true_lfc, estimate, ranking, called) -> dict:
+    from sklearn.metrics import average_precision_score
+
+    is_de = np.abs(true_lfc) >= DE_THRESHOLD
+    null = np.abs(true_lfc) < NULL_THRESHOLD
+    n_called = int(called.sum())
+    return {
+        "auprc": float(average_precision_score(is_de, ranking)),
+        "lfc_correlation": float(np.corrcoef(estimate, true_lfc)[0, 1]),
+        "fdp": float((called & null).sum() / n_called) if n_called else 0.0,
+        "n_called": n_called,
+        "n_true_de": int(is_de.sum()),
+    }
+
+
+def run_sclatent(adata, epochs: int, seed: int) -> tuple[dict, float]:
+    from sclatent.model import VAE
+
+    start = time.perf_counter()
+    VAE.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = VAE(adata, seed=seed).train(max_epochs=epochs, progress_bar=False, early_stopping=False)
+    trained = time.perf_counter()
+    result = model.differential_expression(
+        groupby="group",
+        group1=GROUP_A,
+        group2=GROUP_B,
+        mode="change",
+        delta=DELTA,
+        batch_correction=True,
+        progress_bar=False,
+    )
+    end = time.perf_counter()
+    result = result.loc[adata.var_names]
+    return {
+        "lfc": result["lfc_mean"].to_numpy(),
+        "rank": result["proba_de"].to_numpy(),
+        "called": result["is_de_fdr_0.05"].to_numpy(),
+        "train_s": trained - start,
+        "de_s": end - trained,
+    }, end - start
+
+
+def run_scvi(adata, epochs: int, seed: int) -> tuple[dict, float]:
+    import logging
+    import warnings
+
+    import scvi
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    scvi.settings.seed = seed
+    adata = adata.copy()
+    start = time.perf_counter()
+    scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = scvi.model.SCVI(adata)
+    model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
+    trained = time.perf_counter()
+    result = model.differential_expression(
+        groupby="group", group1=GROUP_A, group2=GROUP_B, mode="change", delta=DELTA, batch_correction=True, silent=True
+    )
+    end = time.perf_counter()
+    result = result.loc[adata.var_names]
+    return {
+        "lfc": result["lfc_mean"].to_numpy(),
+        "rank": result["proba_de"].to_numpy(),
+        "called": result["is_de_fdr_0.05"].to_numpy(),
+        "train_s": trained - start,
+        "de_s": end - trained,
+    }, end - start
+
+
+def run_scanpy(adata, method: str) -> tuple[dict, float]:
+    import scanpy as sc
+
+    adata = adata.copy()
+    start = time.perf_counter()
+    adata.X = adata.layers["counts"].copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.tl.rank_genes_groups(adata, "group", groups=[GROUP_A], reference=GROUP_B, method=method)
+    table = sc.get.rank_genes_groups_df(adata, GROUP_A).set_index("names").loc[adata.var_names]
+    end = time.perf_counter()
+    return {
+        "lfc": table["logfoldchanges"].to_numpy(),
+        "rank": np.abs(table["scores"].to_numpy()),
+        "called": (table["pvals_adj"] < 0.05).to_numpy(),
+        "train_s": 0.0,
+        "de_s": end - start,
+    }, end - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--designs", default=",".join(DESIGNS))
+    parser.add_argument("--n-cells", type=int, default=2000)
+    parser.add_argument("--n-genes", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results_de.json")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    report = {"settings": vars(args), "designs": {}}
+    for design in args.designs.split(","):
+        adata, true_lfc = simulate(design, args.n_cells, args.n_genes, args.seed)
+        a = adata.obs["group"] == GROUP_A
+        share = float((adata.obs["batch"][a].astype(str) == "batch_0").mean())
+        print(
+            f"\n=== {design}: {adata.n_obs} cells x {adata.n_vars} genes; {GROUP_A} {share:.0%} in batch_0; "
+            f"{int((np.abs(true_lfc) >= DE_THRESHOLD).sum())} genes with |true log2 FC| >= {DE_THRESHOLD}",
+            flush=True,
+        )
+        rows = {}
+        runs = {
+            "sclatent": (run_sclatent, (adata.copy(), args.epochs, args.seed)),
+            "scvi-tools": (run_scvi, (adata, args.epochs, args.seed)),
+            "scanpy wilcoxon": (run_scanpy, (adata, "wilcoxon")),
+            "scanpy t-test": (run_scanpy, (adata, "t-test")),
+        }
+        for name, (run, arguments) in runs.items():
+            out, seconds = run(*arguments)
+            rows[name] = {
+                **scores(true_lfc, out["lfc"], out["rank"], out["called"]),
+                "seconds": seconds,
+                "train_seconds": out["train_s"],
+                "de_seconds": out["de_s"],
+            }
+            r = rows[name]
+            print(
+                f"  {name:16s} AUPRC {r['auprc']:.3f}  lfc r {r['lfc_correlation']:.3f}  FDP {r['fdp']:.3f} "
+                f"({r['n_called']} called)  time {seconds:.1f} s (DE {r['de_seconds']:.1f} s)",
+                flush=True,
+            )
+        report["designs"][design] = rows
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
