@@ -16,9 +16,15 @@ with ``|true log2 FC| < 0.25`` is a false discovery.
 Reported per method: AUPRC of ranking the DE genes (``proba_de``; scanpy: the test statistic's
 absolute value), Pearson correlation of estimated and true log2 FC, the observed false discovery
 proportion of the genes called at the 5 % target (``is_de_fdr_0.05``; scanpy: BH-adjusted p <
-0.05), the number called, and wall time (training + DE). Run from the repository root::
+0.05), the number called, and wall time (training + DE).
 
-    PYTHONPATH=. python benchmarks/bench_de.py --out benchmarks/results_de.json
+With ``--real``: pbmc3k (2,000 HVGs, 9 Seurat types), every type vs the rest with each method: the
+rank of the Seurat tutorial's markers in their type's list (up-regulated genes first) and the time;
+cellbench_5cl singlets (2,000 HVGs), each cell line vs the rest on plate 1 and on plate 2
+separately: overlap of the two plates' top-100 genes and the rank correlation of their log2 fold
+changes. Run from the repository root::
+
+    SCLATENT_DATA_DIR=../shared/data PYTHONPATH=. python benchmarks/bench_de.py --real --out benchmarks/results_de.json
 """
 
 from __future__ import annotations
@@ -169,6 +175,137 @@ def run_scanpy(adata, method: str) -> tuple[dict, float]:
     }, end - start
 
 
+# Seurat's pbmc3k tutorial markers: (cell type, gene)
+PBMC3K_MARKERS = [
+    ("B", "MS4A1"),
+    ("CD14+ Mono", "CD14"),
+    ("CD14+ Mono", "LYZ"),
+    ("NK", "GNLY"),
+    ("NK", "NKG7"),
+    ("DC", "FCER1A"),
+    ("DC", "CST3"),
+    ("Platelet", "PPBP"),
+    ("FCGR3A+ Mono", "FCGR3A"),
+    ("CD8 T", "CD8A"),
+]
+
+
+def _hvg_subset(adata, n_top: int = 2000):
+    import scanpy as sc
+
+    adata = adata.copy()
+    adata.X = adata.layers["counts"].copy()
+    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat_v3")
+    return adata[:, adata.var["highly_variable"]].copy()
+
+
+def one_vs_rest(method: str, adata, groupby: str, epochs: int, seed: int):
+    """``{group: DataFrame(lfc, rank score) indexed by gene, sorted best first}`` and the seconds
+    (training, all-groups-vs-rest DE)."""
+    import scanpy as sc
+
+    groups = sorted(adata.obs[groupby].astype(str).unique())
+    adata = adata.copy()
+    adata.obs[groupby] = adata.obs[groupby].astype(str).astype("category")
+    if method.startswith("scanpy"):
+        start = time.perf_counter()
+        adata.X = adata.layers["counts"].copy()
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+        sc.tl.rank_genes_groups(adata, groupby, method="wilcoxon")
+        tables = {
+            g: sc.get.rank_genes_groups_df(adata, g)
+            .set_index("names")
+            .rename(columns={"logfoldchanges": "lfc", "scores": "score"})
+            for g in groups
+        }
+        return tables, 0.0, time.perf_counter() - start
+    start = time.perf_counter()
+    if method == "sclatent":
+        from sclatent.model import VAE
+
+        VAE.setup_anndata(adata, layer="counts")
+        model = VAE(adata, seed=seed).train(max_epochs=epochs, progress_bar=False, early_stopping=False)
+        trained = time.perf_counter()
+        result = model.differential_expression(groupby=groupby, mode="change", progress_bar=False)
+    else:
+        import scvi
+
+        scvi.settings.seed = seed
+        scvi.model.SCVI.setup_anndata(adata, layer="counts")
+        model = scvi.model.SCVI(adata)
+        model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
+        trained = time.perf_counter()
+        result = model.differential_expression(groupby=groupby, mode="change", silent=True)
+    end = time.perf_counter()
+    column = "group1"
+    tables = {}
+    for g in groups:
+        table = result[result[column].astype(str) == g].rename(columns={"lfc_mean": "lfc"})
+        table["score"] = table["proba_de"] * np.sign(table["lfc"])  # up-regulated first, as markers
+        tables[g] = table.sort_values("score", ascending=False)
+    return tables, trained - start, end - trained
+
+
+def marker_ranks(tables: dict) -> dict:
+    """Rank (1 = first) of each Seurat marker in its type's one-vs-rest list (up-regulated first)."""
+    out = {}
+    for cell_type, gene in PBMC3K_MARKERS:
+        table = tables.get(cell_type)
+        if table is None or gene not in table.index:
+            out[f"{cell_type}:{gene}"] = None
+            continue
+        out[f"{cell_type}:{gene}"] = int(np.flatnonzero(table.index == gene)[0]) + 1
+    return out
+
+
+def real_data(args) -> dict:
+    """pbmc3k marker ranks and all-groups-vs-rest time; cellbench reproducibility across plates."""
+    from scipy.stats import spearmanr
+
+    from sclatent import datasets
+
+    report: dict = {"pbmc3k": {}, "cellbench": {}}
+    pbmc = datasets.pbmc3k()
+    pbmc = _hvg_subset(pbmc[pbmc.obs["cell_type"].notna().to_numpy()])
+    print(f"\n=== pbmc3k: {pbmc.n_obs} cells x {pbmc.n_vars} HVGs, 9 types, every type vs the rest", flush=True)
+    for method in ("sclatent", "scvi-tools", "scanpy wilcoxon"):
+        tables, train_s, de_s = one_vs_rest(method, pbmc, "cell_type", args.epochs, args.seed)
+        ranks = marker_ranks(tables)
+        report["pbmc3k"][method] = {"train_seconds": train_s, "de_seconds": de_s, "marker_ranks": ranks}
+        shown = "  ".join(f"{k.split(':')[1]} {v}" for k, v in ranks.items())
+        print(f"  {method:16s} train {train_s:.1f} s, DE {de_s:.1f} s | marker ranks: {shown}", flush=True)
+    full = datasets.cellbench_5cl()
+    singlets = full[(full.obs["demuxlet_cls"].astype(str) == "SNG").to_numpy()]
+    singlets = _hvg_subset(singlets)
+    plates = singlets.obs["batch"].astype(str).to_numpy()
+    print(
+        f"\n=== cellbench_5cl singlets, {singlets.n_vars} HVGs: each line vs the rest on plate1 and plate2", flush=True
+    )
+    for method in ("sclatent", "scvi-tools", "scanpy wilcoxon"):
+        per_plate, seconds = {}, 0.0
+        for plate in ("plate1", "plate2"):
+            tables, train_s, de_s = one_vs_rest(method, singlets[plates == plate], "cell_type", args.epochs, args.seed)
+            per_plate[plate], seconds = tables, seconds + train_s + de_s
+        overlaps, correlations = [], []
+        for line in sorted(per_plate["plate1"]):
+            a, b = per_plate["plate1"][line], per_plate["plate2"][line]
+            overlaps.append(len(set(a.index[:100]) & set(b.index[:100])) / 100)
+            genes = a.index.intersection(b.index)
+            correlations.append(float(spearmanr(a.loc[genes, "lfc"], b.loc[genes, "lfc"]).statistic))
+        report["cellbench"][method] = {
+            "top100_overlap": float(np.mean(overlaps)),
+            "lfc_rank_correlation": float(np.mean(correlations)),
+            "seconds": seconds,
+        }
+        print(
+            f"  {method:16s} top-100 overlap {np.mean(overlaps):.3f}  log2 FC rank correlation "
+            f"{np.mean(correlations):.3f}  ({seconds:.1f} s both plates)",
+            flush=True,
+        )
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--designs", default=",".join(DESIGNS))
@@ -177,13 +314,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--real", action="store_true", help="also the real-data checks (pbmc3k, cellbench_5cl)")
     parser.add_argument("--out", default="benchmarks/results_de.json")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     report = {"settings": vars(args), "designs": {}}
-    for design in args.designs.split(","):
+    for design in [d for d in args.designs.split(",") if d]:
         adata, true_lfc = simulate(design, args.n_cells, args.n_genes, args.seed)
         a = adata.obs["group"] == GROUP_A
         share = float((adata.obs["batch"][a].astype(str) == "batch_0").mean())
@@ -214,6 +352,8 @@ def main() -> None:
                 flush=True,
             )
         report["designs"][design] = rows
+    if args.real:
+        report["real"] = real_data(args)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -22,8 +22,6 @@ Every step runs in minibatches on the model's device.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import torch
@@ -91,20 +89,28 @@ def expression_draws(
     model, module: VAEModule, adata, cells: np.ndarray, n_draws: int, batch_codes: list[int] | None, batch_size: int
 ) -> torch.Tensor:
     """``(n_draws, G)`` posterior draws of ``rho`` spread evenly over ``cells`` (each draw one cell's
-    ``z ~ q``), decoded in each of ``batch_codes`` and averaged (None: each cell's own batch)."""
-    per_cell = max(1, math.ceil(n_draws / len(cells)))
+    ``z ~ q``: ``n_draws // n_cells`` per cell, one more for ``n_draws % n_cells`` random cells),
+    decoded in each of ``batch_codes`` and averaged (None: each cell's own batch)."""
+    per_cell, extra = divmod(n_draws, len(cells))
+    passes = [(cells, per_cell)] if per_cell else []
+    if extra:
+        chosen = cells[torch.randperm(len(cells))[:extra].numpy()]
+        passes.append((np.sort(chosen), 1))
     draws = []
-    for batch in model._batches(adata, cells, batch_size):
-        inf = module.inference(batch, n_samples=per_cell)
-        z, log_library = inf["z"], inf["log_library"]
-        if per_cell == 1:
-            z, log_library = z.unsqueeze(0), log_library.unsqueeze(0)
-        targets = [batch] if batch_codes is None else [batch.in_batch(code) for code in batch_codes]
-        rho = sum(torch.exp(module.generative(z, log_library, target)["log_scale"]) for target in targets)
-        draws.append((rho / len(targets)).reshape(-1, rho.shape[-1]))
-    draws = torch.cat(draws)
-    keep = torch.randperm(draws.shape[0], device=draws.device)[:n_draws]
-    return draws[keep]
+    for subset, n_samples in passes:
+        for batch in model._batches(adata, subset, batch_size):
+            inf = module.inference(batch, n_samples=n_samples)
+            z, log_library = inf["z"], inf["log_library"]
+            if n_samples == 1:
+                z, log_library = z.unsqueeze(0), log_library.unsqueeze(0)
+            targets = [batch] if batch_codes is None else [batch.in_batch(code) for code in batch_codes]
+            rho = torch.exp(module.generative(z, log_library, targets[0])["log_scale"])
+            for target in targets[1:]:
+                rho += torch.exp(module.generative(z, log_library, target)["log_scale"])
+            if len(targets) > 1:
+                rho /= len(targets)
+            draws.append(rho.reshape(-1, rho.shape[-1]))
+    return torch.cat(draws)
 
 
 @torch.no_grad()
@@ -128,11 +134,12 @@ def compare(
     pseudocount: float,
 ) -> dict[str, np.ndarray]:
     """Per-gene statistics of paired draws ``(S, G)`` of two groups' normalised expression."""
-    lfc = torch.log2(draws1 + pseudocount) - torch.log2(draws2 + pseudocount)
+    lfc = torch.log2(draws1 + pseudocount).sub_(torch.log2(draws2 + pseudocount))
+    n = lfc.shape[0]
     if mode == "change":
-        proba_de = (lfc.abs() > delta).double().mean(0)
+        proba_de = torch.count_nonzero(lfc.abs() > delta, dim=0).double() / n
     else:
-        greater = (draws1 > draws2).double().mean(0)
+        greater = torch.count_nonzero(draws1 > draws2, dim=0).double() / n
         proba_de = torch.maximum(greater, 1 - greater)
     eps = 1e-8
     proba_de = proba_de.clamp(0.0, 1.0)
