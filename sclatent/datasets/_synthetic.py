@@ -26,8 +26,10 @@ _DISPERSION_LOG_SD = 0.3
 _DEFAULT_LOG_LIBRARY_SD = 0.35
 
 
-def _cluster_centres(rng: np.random.Generator, n_clusters: int, n_latent: int) -> np.ndarray:
-    """``(n_clusters, n_latent)`` centres whose closest pair is ``_MIN_CENTRE_DISTANCE`` apart."""
+def _cluster_centres(
+    rng: np.random.Generator, n_clusters: int, n_latent: int, separation: float = _MIN_CENTRE_DISTANCE
+) -> np.ndarray:
+    """``(n_clusters, n_latent)`` centres whose closest pair is ``separation`` apart."""
     if n_clusters == 1:
         return np.zeros((1, n_latent))
     candidates = rng.standard_normal((_CANDIDATES_PER_CLUSTER * n_clusters, n_latent))
@@ -42,7 +44,7 @@ def _cluster_centres(rng: np.random.Generator, n_clusters: int, n_latent: int) -
     centres -= centres.mean(axis=0)
     pair = np.linalg.norm(centres[:, None, :] - centres[None, :, :], axis=-1)
     min_dist = pair[np.triu_indices(n_clusters, k=1)].min()
-    return centres * (_MIN_CENTRE_DISTANCE / min_dist)
+    return centres * (separation / min_dist)
 
 
 def _log_library_params(library_size: tuple[float, float] | float) -> tuple[float, float]:
@@ -67,13 +69,50 @@ def _expression_profiles(
     w_lin: np.ndarray,
     w_nonlin: np.ndarray,
     batch_shift: np.ndarray,
+    extra_logits: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``(n, G)`` gene proportions ``softmax(b + W z + 0.5 V tanh(z) + s_batch)`` of ``(n, L)`` latents."""
+    """``(n, G)`` gene proportions ``softmax(b + W z + 0.5 V tanh(z) + s_batch [+ extra])`` of ``(n, L)`` latents."""
     logits = baseline + z @ w_lin + _NONLINEAR_WEIGHT * np.tanh(z) @ w_nonlin + batch_shift[batch]
+    if extra_logits is not None:
+        logits = logits + extra_logits
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
     return probs
+
+
+def _planted_effects(
+    seed: int, n_clusters: int, n_genes: int, fraction: float, magnitude: tuple[float, float]
+) -> np.ndarray | None:
+    """``(n_genes, n_clusters)`` planted log2 effects (None when ``fraction`` is 0), from their own
+    generator so that the rest of the simulation does not change."""
+    if fraction <= 0:
+        return None
+    low, high = (float(v) for v in magnitude)
+    if not 0 <= low <= high:
+        raise ValueError(f"de_log2_fold_change must satisfy 0 <= low <= high, got {magnitude!r}")
+    rng = np.random.default_rng([seed, 1])
+    effects = np.zeros((n_genes, n_clusters))
+    n_de = round(fraction * n_genes)
+    for k in range(n_clusters):
+        genes = rng.choice(n_genes, size=n_de, replace=False)
+        effects[genes, k] = rng.uniform(low, high, n_de) * rng.choice([-1.0, 1.0], n_de)
+    return effects
+
+
+def _true_log2_fold_changes(probs: np.ndarray, cluster: np.ndarray, batch: np.ndarray, n_clusters: int) -> np.ndarray:
+    """``(n_genes, n_clusters)``: log2 of each type's mean true proportion over the other cells',
+    within each batch that holds both, averaged over those batches."""
+    out = np.zeros((probs.shape[1], n_clusters))
+    for k in range(n_clusters):
+        per_batch = [
+            np.log2(probs[(cluster == k) & (batch == b)].mean(0))
+            - np.log2(probs[(cluster != k) & (batch == b)].mean(0))
+            for b in np.unique(batch)
+            if ((cluster == k) & (batch == b)).any() and ((cluster != k) & (batch == b)).any()
+        ]
+        out[:, k] = np.mean(per_batch, axis=0)
+    return out.astype(np.float32)
 
 
 def _zinb_counts(rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray, zero_inflation: float) -> np.ndarray:
@@ -97,6 +136,9 @@ def synthetic(
     library_size: tuple[float, float] | float = (500, 3000),
     batch_effect: float = 0.5,
     seed: int = 0,
+    de_fraction: float = 0.0,
+    de_log2_fold_change: tuple[float, float] = (0.3, 1.3),
+    cluster_separation: float = _MIN_CENTRE_DISTANCE,
 ) -> ad.AnnData:
     """Simulate ZINB single-cell counts with known clusters, batches and latent positions.
 
@@ -139,6 +181,17 @@ def synthetic(
     seed
         Seed for ``numpy.random.default_rng``; the output is a deterministic function of the
         arguments.
+    de_fraction
+        Differential expression planted on top of the latent structure: for each cell type, this
+        fraction of the genes gets a log2 fold change drawn uniformly from
+        ``de_log2_fold_change`` (magnitude) with a random sign, added to the type's logits (drawn
+        from a second generator, ``default_rng([seed, 1])``, so ``de_fraction=0`` leaves every
+        other output unchanged). The truth is returned (see below).
+    de_log2_fold_change
+        ``(low, high)`` magnitude of the planted log2 fold changes (weak effects by default).
+    cluster_separation
+        Distance of the closest pair of cluster centres in the latent space (2.0); 0 puts every
+        type at the same latent position, so the types differ only by the planted effects.
 
     Returns
     -------
@@ -150,6 +203,11 @@ def synthetic(
         ``"batch_0"``, ...), ``library_size`` (the simulated library, float). ``obsm["X_true_latent"]``:
         ``(n_cells, n_latent)`` float32 latent positions. ``var_names``: ``"gene_0"``, ...
         ``uns["synthetic_params"]``: the arguments and derived settings as plain JSON types.
+        With ``de_fraction > 0``: ``varm["de_log2_fold_change"]`` ``(n_genes, n_clusters)``, the
+        planted log2 effect of each type (0 where none), and ``varm["true_log2_fold_change"]``
+        ``(n_genes, n_clusters)``, each type's log2 fold change of the true normalised expression
+        against the other cells, within each batch and averaged over batches (batch shifts cancel),
+        i.e. the answer a one-vs-rest differential expression should find.
     """
     if n_cells < max(n_clusters, n_batches):
         raise ValueError(f"n_cells ({n_cells}) must be at least n_clusters ({n_clusters}) and n_batches ({n_batches})")
@@ -161,11 +219,15 @@ def synthetic(
         raise ValueError(f"dispersion must be positive, got {dispersion}")
     if batch_effect < 0:
         raise ValueError(f"batch_effect must be non-negative, got {batch_effect}")
+    if not 0.0 <= de_fraction <= 1.0:
+        raise ValueError(f"de_fraction must be in [0, 1], got {de_fraction}")
+    if cluster_separation < 0:
+        raise ValueError(f"cluster_separation must be non-negative, got {cluster_separation}")
     log_lib_mean, log_lib_sd = _log_library_params(library_size)
 
     rng = np.random.default_rng(seed)
 
-    centres = _cluster_centres(rng, n_clusters, n_latent)
+    centres = _cluster_centres(rng, n_clusters, n_latent, cluster_separation)
     cluster = _balanced_labels(rng, n_cells, n_clusters)
     batch = _balanced_labels(rng, n_cells, n_batches)
     z = centres[cluster] + _WITHIN_SD * rng.standard_normal((n_cells, n_latent))
@@ -174,7 +236,9 @@ def synthetic(
     w_lin = rng.standard_normal((n_latent, n_genes)) / np.sqrt(n_latent)
     w_nonlin = rng.standard_normal((n_latent, n_genes)) / np.sqrt(n_latent)
     batch_shift = batch_effect * rng.standard_normal((n_batches, n_genes))
-    probs = _expression_profiles(z, batch, baseline, w_lin, w_nonlin, batch_shift)
+    de_effect = _planted_effects(seed, n_clusters, n_genes, de_fraction, de_log2_fold_change)
+    extra = None if de_effect is None else (np.log(2.0) * de_effect.T)[cluster]
+    probs = _expression_profiles(z, batch, baseline, w_lin, w_nonlin, batch_shift, extra)
 
     library = np.exp(log_lib_mean + log_lib_sd * rng.standard_normal(n_cells))
     mean = library[:, None] * probs
@@ -200,6 +264,9 @@ def synthetic(
     adata.layers["counts"] = x.copy()
     adata.layers["true_mean"] = mean.astype(np.float32)
     adata.obsm["X_true_latent"] = z.astype(np.float32)
+    if de_effect is not None:
+        adata.varm["de_log2_fold_change"] = de_effect.astype(np.float32)
+        adata.varm["true_log2_fold_change"] = _true_log2_fold_changes(probs, cluster, batch, n_clusters)
 
     params: dict[str, Any] = {
         "n_cells": int(n_cells),
@@ -218,5 +285,11 @@ def synthetic(
         "min_centre_distance": _MIN_CENTRE_DISTANCE,
         "n_empty_cells_fixed": int(empty.size),
     }
+    if de_fraction > 0 or cluster_separation != _MIN_CENTRE_DISTANCE:
+        params.update(
+            de_fraction=float(de_fraction),
+            de_log2_fold_change=[float(v) for v in de_log2_fold_change],
+            cluster_separation=float(cluster_separation),
+        )
     adata.uns["synthetic_params"] = params
     return adata

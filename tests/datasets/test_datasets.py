@@ -317,3 +317,29 @@ def test_synthetic_h5ad_is_a_regular_backed_csr_file(tmp_path):
     types = full.obs["cell_type"].cat.codes.to_numpy()
     profiles = np.stack([counts[types == k].mean(axis=0) for k in range(8)])
     assert np.corrcoef(profiles).min() < 0.9
+
+
+def test_synthetic_planted_differential_expression_and_its_truth():
+    from sclatent.datasets import synthetic
+
+    plain = synthetic(n_cells=300, n_genes=80, n_clusters=3, seed=4)
+    explicit = synthetic(n_cells=300, n_genes=80, n_clusters=3, seed=4, de_fraction=0.0)
+    assert (plain.X != explicit.X).nnz == 0 and "true_log2_fold_change" not in plain.varm
+    planted = synthetic(
+        n_cells=3000, n_genes=80, n_clusters=3, seed=4, de_fraction=0.2, cluster_separation=0.0, batch_effect=1.0
+    )
+    effect, truth = planted.varm["de_log2_fold_change"], planted.varm["true_log2_fold_change"]
+    assert effect.shape == truth.shape == (80, 3)
+    assert ((effect != 0).sum(0) == 16).all()
+    magnitudes = np.abs(effect[effect != 0])
+    assert magnitudes.min() >= 0.3 and magnitudes.max() <= 1.3
+    # with every type at the same latent position, the truth is the planted effect up to the
+    # softmax's renormalisation (a per-type constant) and the other types' own effects
+    for k in range(3):
+        alone = (np.delete(effect, k, axis=1) == 0).all(1)  # genes no other type moves
+        assert np.corrcoef(truth[alone, k], effect[alone, k])[0, 1] > 0.95
+        untouched = (effect == 0).all(1)
+        assert np.abs(truth[untouched, k]).max() < 0.3
+    assert planted.uns["synthetic_params"]["de_fraction"] == 0.2
+    with pytest.raises(ValueError, match="de_fraction"):
+        synthetic(n_cells=30, n_genes=10, de_fraction=1.5)
