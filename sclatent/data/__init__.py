@@ -8,7 +8,7 @@ and ``neighbours`` (kNN neighbours for contrastive models).
 """
 
 from ._counts import CountSource
-from .loader import CellData, MiniBatch, resolve_device
+from .loader import CellData, MiniBatch, WrappedData, resolve_device
 from .ondisk import OnDiskCellData, OnDiskSettings, ondisk_settings, read_backed
 from .registry import (
     REGISTRY_KEY,
@@ -29,6 +29,7 @@ __all__ = [
     "OnDiskSettings",
     "Registry",
     "SetupError",
+    "WrappedData",
     "count_source",
     "get_registry",
     "library_log_prior",

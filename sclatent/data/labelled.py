@@ -17,14 +17,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..contracts import TrainingData
-from .loader import CellData, MiniBatch
+from .loader import CellData, MiniBatch, WrappedData
 from .ondisk import OnDiskCellData
 
 __all__ = ["LabelledData"]
 
 
-class LabelledData(TrainingData):
+class LabelledData(WrappedData):
     """Cells whose training minibatches carry a minibatch of labelled cells (``batch.labelled``).
 
     Parameters
@@ -47,19 +46,6 @@ class LabelledData(TrainingData):
             raise ValueError("LabelledData needs at least one labelled cell.")
         self.data = data
         self.labelled_cells = torch.as_tensor(labelled_cells)
-
-    @property
-    def n_cells(self) -> int:
-        return self.data.n_cells
-
-    @property
-    def storage_note(self) -> str:
-        """The wrapped cells' (e.g. ``"streaming from disk"``)."""
-        return self.data.storage_note
-
-    def epoch_order(self, cells: np.ndarray | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The wrapped data's order (the labelled draws take nothing from it)."""
-        return self.data.epoch_order(cells, generator)
 
     def iterate(
         self,

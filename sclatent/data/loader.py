@@ -37,6 +37,7 @@ __all__ = [
     "CellCodes",
     "CellData",
     "MiniBatch",
+    "WrappedData",
     "checked_batch_sizes",
     "obs_codes",
     "resolve_device",
@@ -499,3 +500,25 @@ def _with_labels(data, codes: np.ndarray | torch.Tensor):
     labelled = copy.copy(data)
     labelled.label_index = labels.to(data.device)
     return labelled
+
+
+class WrappedData(TrainingData):
+    """Base of the training-data wrappers that attach something to each minibatch of other cells
+    (:class:`~sclatent.data.neighbours.NeighbourData`, :class:`~sclatent.data.labelled.LabelledData`):
+    the cells, their storage and a shuffled epoch's order are the wrapped data's."""
+
+    data: TrainingData
+
+    @property
+    def n_cells(self) -> int:
+        return self.data.n_cells
+
+    @property
+    def storage_note(self) -> str:
+        """The wrapped cells' (e.g. ``"streaming from disk"``)."""
+        return self.data.storage_note
+
+    def epoch_order(self, cells: np.ndarray | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The wrapped data's order (a wrapper draws nothing here)."""
+        return self.data.epoch_order(cells, generator)
+

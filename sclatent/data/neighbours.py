@@ -25,9 +25,8 @@ import anndata as ad
 import numpy as np
 import torch
 
-from ..contracts import TrainingData
 from ._counts import CountSource, clean_csr
-from .loader import CellData, MiniBatch
+from .loader import CellData, MiniBatch, WrappedData
 from .ondisk import OnDiskCellData
 from .registry import Registry, count_source
 
@@ -218,7 +217,7 @@ def neighbour_data(
     return NeighbourData(data, table)
 
 
-class NeighbourData(TrainingData):
+class NeighbourData(WrappedData):
     """A :class:`CellData` (or :class:`OnDiskCellData`) whose minibatches carry one sampled kNN
     neighbour per cell.
 
@@ -245,19 +244,6 @@ class NeighbourData(TrainingData):
             raise ValueError(f"neighbour indices must lie in [0, {data.n_cells}).")
         self.data = data
         self.table = torch.as_tensor(table, dtype=torch.int64)
-
-    @property
-    def n_cells(self) -> int:
-        return self.data.n_cells
-
-    @property
-    def storage_note(self) -> str:
-        """The wrapped cells' (e.g. ``"streaming from disk"``)."""
-        return self.data.storage_note
-
-    def epoch_order(self, cells: np.ndarray | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The wrapped data's :meth:`CellData.epoch_order` (the neighbours draw nothing here)."""
-        return self.data.epoch_order(cells, generator)
 
     def iterate(
         self,

@@ -13,12 +13,11 @@ import torch
 from ..data import CellData, Registry, SetupError
 from ..data import setup_anndata as _setup_anndata
 from ..data.labelled import LabelledData
-from ..data.registry import library_log_prior
 from ..metrics.calibration import fit_temperature
 from ..modules.ssvae import _CORE_FIELDS, SemiSupervisedVAEHyperparameters, SemiSupervisedVAEModule
 from ._base import BaseModel
 from ._expression import CountExpressionOutputs
-from .vae import VAE
+from .vae import VAE, count_vae_module_kwargs
 
 #: Default epochs of a semi-supervised training that starts from a trained VAE's weights (scANVI
 #: trains 10 after SCVI's; the classifier and M2 start from scratch, the counts' side is done).
@@ -161,19 +160,7 @@ class SemiSupervisedVAE(CountExpressionOutputs, BaseModel):
             )
 
     def _module_kwargs(self) -> dict[str, Any]:
-        reg = self.registry
-        kwargs = dict(
-            n_genes=reg.n_genes,
-            n_labels=len(reg.label_categories),
-            n_batch=reg.n_batch,
-            n_cats_per_cov=reg.n_cats_per_covariate,
-            n_continuous=len(reg.continuous_covariate_keys),
-            **self._module_hyperparameters(),
-        )
-        if not self.hyperparameters["use_observed_library"] and self.adata is not None:
-            prior = library_log_prior(self.adata, reg, source=self._count_source())
-            kwargs["library_log_means"], kwargs["library_log_vars"] = prior
-        return kwargs
+        return count_vae_module_kwargs(self, len(self.registry.label_categories))
 
     @classmethod
     def from_vae(

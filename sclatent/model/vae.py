@@ -15,6 +15,24 @@ from ._base import BaseModel
 from ._expression import CountExpressionOutputs
 
 
+def count_vae_module_kwargs(model: BaseModel, n_labels: int) -> dict[str, Any]:
+    """What a count VAE's module is built from (``VAE`` and ``SemiSupervisedVAE``): the registry's
+    sizes, the model's hyperparameters and, for a latent library, the per-batch log-library prior."""
+    reg = model.registry
+    kwargs = dict(
+        n_genes=reg.n_genes,
+        n_batch=reg.n_batch,
+        n_labels=n_labels,
+        n_cats_per_cov=reg.n_cats_per_covariate,
+        n_continuous=len(reg.continuous_covariate_keys),
+        **model._module_hyperparameters(),
+    )
+    if not model.hyperparameters["use_observed_library"] and model.adata is not None:
+        prior = library_log_prior(model.adata, reg, source=model._count_source())
+        kwargs["library_log_means"], kwargs["library_log_vars"] = prior
+    return kwargs
+
+
 class VAE(CountExpressionOutputs, BaseModel):
     """Variational autoencoder for single-cell counts (the scVI model).
 
@@ -45,19 +63,7 @@ class VAE(CountExpressionOutputs, BaseModel):
             raise ValueError("dispersion='gene-label' needs labels: call setup_anndata(adata, labels_key=...).")
 
     def _module_kwargs(self) -> dict[str, Any]:
-        reg = self.registry
-        kwargs = dict(
-            n_genes=reg.n_genes,
-            n_batch=reg.n_batch,
-            n_labels=reg.n_labels,
-            n_cats_per_cov=reg.n_cats_per_covariate,
-            n_continuous=len(reg.continuous_covariate_keys),
-            **self._module_hyperparameters(),
-        )
-        if not self.hyperparameters["use_observed_library"] and self.adata is not None:
-            prior = library_log_prior(self.adata, reg, source=self._count_source())
-            kwargs["library_log_means"], kwargs["library_log_vars"] = prior
-        return kwargs
+        return count_vae_module_kwargs(self, self.registry.n_labels)
 
     def _count_module(self) -> VAEModule:
         return self.module
