@@ -1,7 +1,8 @@
 """Where sclatent's weak-effect DE ranking loses (RESULTS.md, differential expression): one VAE on
 bench_de's ``weak_balanced`` design, then the AUPRC of ranking the planted genes by change mode's
-``proba_de`` (with and without batch correction, ``delta`` 0.25 and 0.1), by ``|lfc_mean|``, by
-``|lfc_mean| / lfc_std`` and by vanilla mode, with the median per-draw log2 FC sd. Run::
+``proba_de`` (``test_mode`` "three" and "two", with and without batch correction, ``delta`` 0.25
+and 0.1), by ``|lfc_mean|``, by ``|lfc_mean| / lfc_std`` and by vanilla mode, with the median
+per-draw log2 FC sd. Run::
 
     PYTHONPATH=. python benchmarks/probe_de_ranking.py
 """
@@ -27,8 +28,11 @@ def main() -> None:
     model = VAE(adata, seed=0).train(max_epochs=200, progress_bar=False, early_stopping=False)
     for options in (
         {"batch_correction": True},
+        {"batch_correction": True, "test_mode": "two"},
         {"batch_correction": False},
+        {"batch_correction": False, "test_mode": "two"},
         {"batch_correction": True, "delta": 0.1},
+        {"batch_correction": True, "delta": 0.1, "test_mode": "two"},
         {"batch_correction": True, "mode": "vanilla"},
     ):
         table = model.differential_expression(

@@ -231,6 +231,7 @@ class CountExpressionOutputs:
         idx2=None,
         mode: Literal["change", "vanilla"] = "change",
         delta: float = 0.25,
+        test_mode: Literal["three", "two"] = "three",
         batch_correction: bool = False,
         fdr_target: float = 0.05,
         n_samples: int = 5000,
@@ -255,10 +256,15 @@ class CountExpressionOutputs:
         idx1, idx2
             Cell positions or boolean masks instead of ``groupby`` groups (``idx2=None``: the rest).
         mode
-            ``"change"``: ``proba_de = P(|log2 FC| > delta)``; ``"vanilla"``: the probability of the
-            more likely direction.
+            ``"change"``: the probability of a log2 fold change beyond ``delta``; ``"vanilla"``: the
+            probability of the more likely direction.
         delta
             Smallest log2 fold change that counts as an effect (``mode="change"``).
+        test_mode
+            ``mode="change"`` only. ``"three"`` (scvi-tools' default): ``proba_de = max(P(log2 FC >=
+            delta), P(log2 FC < -delta))``, up or down; ``"two"``: ``P(|log2 FC| > delta)``, which
+            also counts the two tails of a wide posterior around no effect, and so ranks weak
+            effects worse.
         batch_correction
             Decode both groups in every batch they hold and average (counterfactual expression), so
             a batch that differs between the groups does not pass for an effect.
@@ -291,7 +297,7 @@ class CountExpressionOutputs:
         ------
         ValueError
             A missing ``groupby`` column, an unknown group, a group with fewer than 2 cells, an
-            unknown ``mode``, or ``batch_correction`` on a model without batches.
+            unknown ``mode`` or ``test_mode``, or ``batch_correction`` on a model without batches.
         """
         from ._differential import differential_expression, rank_genes_groups_structure
 
@@ -306,6 +312,7 @@ class CountExpressionOutputs:
             idx2,
             mode,
             delta,
+            test_mode,
             batch_correction,
             fdr_target,
             n_samples,

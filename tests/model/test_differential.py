@@ -113,6 +113,27 @@ def test_batch_correction_and_vanilla_mode(trained):
     pd.testing.assert_series_equal(by_index["lfc_mean"], by_group["lfc_mean"])
 
 
+def test_change_mode_probabilities_against_hand_computed_tails():
+    import torch
+
+    from sclatent.model._differential import compare
+
+    generator = torch.Generator().manual_seed(0)
+    # gene 0: no effect, wide draws; gene 1: a weak up-regulation, same spread; gene 2: strong down
+    lfc = torch.randn(20000, 3, generator=generator) * 0.6 + torch.tensor([0.0, 0.4, -2.0])
+    draws2 = torch.rand(20000, 3, generator=generator) + 0.5
+    draws1 = draws2 * torch.exp2(lfc)
+    up, down = (lfc >= 0.25).double().mean(0), (lfc < -0.25).double().mean(0)
+    three = compare(draws1, draws2, "change", 0.25, 0.0, "three")
+    two = compare(draws1, draws2, "change", 0.25, 0.0, "two")
+    np.testing.assert_allclose(three["proba_de"], torch.maximum(up, down).numpy(), atol=1e-5)
+    np.testing.assert_allclose(two["proba_de"], (up + down).numpy(), atol=1e-5)
+    # the two-sided test scores the null gene (both tails, ~0.68) above the weak effect's one-sided
+    # probability (~0.60 in "three"), the ranking error behind its weak-effect AUPRC; "three" does not
+    assert two["proba_de"][0] > three["proba_de"][1] > three["proba_de"][0]
+    np.testing.assert_allclose(three["lfc_mean"], lfc.mean(0).numpy(), atol=1e-4)
+
+
 def test_bad_input_names_the_fix(trained):
     adata, model, _ = trained
     with pytest.raises(ValueError, match="groupby column 'nope' not found"):
@@ -123,6 +144,8 @@ def test_bad_input_names_the_fix(trained):
         model.differential_expression(idx1=[0], idx2=[1, 2], progress_bar=False)
     with pytest.raises(ValueError, match="mode must be"):
         model.differential_expression(groupby="group", group1="type_0", mode="fast", progress_bar=False)
+    with pytest.raises(ValueError, match="test_mode must be"):
+        model.differential_expression(groupby="group", group1="type_0", test_mode="one", progress_bar=False)
     with pytest.raises(ValueError, match="Pass groupby"):
         model.differential_expression(progress_bar=False)
     with pytest.raises(ValueError, match="group2 needs a group1"):
