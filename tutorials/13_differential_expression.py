@@ -212,7 +212,7 @@ def counterfactual(text: dict) -> None:
     as_0 = model.get_normalized_expression(transform_batch="batch_0", gene_list=[gene])[gene]
     as_1 = model.get_normalized_expression(transform_batch="batch_1", gene_list=[gene])[gene]
     both = model.get_normalized_expression(transform_batch=["batch_0", "batch_1"], gene_list=[gene])[gene]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, constrained_layout=True)
     frames = {"own batch": own, "as batch_0": as_0, "as batch_1": as_1, "averaged": both}
     for axis, group in zip(axes, ("type_0", "type_1"), strict=True):
         cells = (adata.obs["group"] == group).to_numpy()

@@ -35,10 +35,12 @@ from ..base import seeded
 from ..data.loader import obs_codes
 from ..modules.vae import VAEModule
 
-#: Genes with zero counts in both groups set the default pseudocount: this quantile of their
-#: posterior expression (as scvi-tools estimates it), so unexpressed genes do not produce large
-#: log fold changes from tiny ratios.
+#: Genes (almost) unexpressed in a group set the default pseudocount: this quantile of their
+#: posterior expression in that group, so they do not produce large log fold changes from tiny
+#: ratios (scvi-tools' rule: the same quantile, the same threshold).
 PSEUDOCOUNT_QUANTILE = 0.9
+#: A gene whose mean raw count in a group is below this counts as unexpressed there.
+SILENT_MEAN_COUNT = 0.01
 
 
 def group_cells(obs: pd.DataFrame, groupby: str | None, group1, group2, idx1, idx2) -> list[tuple]:
@@ -166,12 +168,15 @@ def compare(
 
 
 def default_pseudocount(scale1: np.ndarray, scale2: np.ndarray, raw1: np.ndarray, raw2: np.ndarray) -> float:
-    """The :data:`PSEUDOCOUNT_QUANTILE` quantile of the larger posterior expression of the genes
-    without a single count in either group (0 when every gene has counts)."""
-    silent = (raw1 == 0) & (raw2 == 0)
-    if not silent.any():
-        return 0.0
-    return float(np.quantile(np.maximum(scale1, scale2)[silent], PSEUDOCOUNT_QUANTILE))
+    """Per group, the :data:`PSEUDOCOUNT_QUANTILE` quantile of the mean posterior expression of the
+    genes whose mean raw count there is below :data:`SILENT_MEAN_COUNT`; the larger of the two
+    groups' values (0 when every gene is expressed in both)."""
+    levels = [
+        float(np.quantile(scale[raw < SILENT_MEAN_COUNT], PSEUDOCOUNT_QUANTILE))
+        for scale, raw in ((scale1, raw1), (scale2, raw2))
+        if (raw < SILENT_MEAN_COUNT).any()
+    ]
+    return max(levels, default=0.0)
 
 
 def expected_fdr_calls(proba_de: np.ndarray, fdr_target: float) -> np.ndarray:
@@ -256,20 +261,34 @@ def differential_expression(
     return pd.concat(tables), [(c[0], c[2]) for c in comparisons]
 
 
+def marker_order(table: pd.DataFrame) -> np.ndarray:
+    """Positions of ``table``'s genes in scanpy's order: up-regulated genes first, by ``proba_de``
+    signed by the direction of ``lfc_mean`` (the most certain down-regulation last); ties, common at
+    ``proba_de = 1``, broken by the larger gap in mean normalised expression, so well-expressed
+    markers come before genes whose large ratio sits on a few counts."""
+    signed = table["proba_de"].to_numpy() * np.sign(table["lfc_mean"].to_numpy())
+    gap = np.abs(table["scale1"].to_numpy() - table["scale2"].to_numpy())
+    return np.lexsort((-gap, -signed))
+
+
 def rank_genes_groups_structure(
     result: pd.DataFrame, comparisons: list[tuple[str, str]], groupby: str | None, fdr_target: float, mode: str
 ) -> dict:
     """scanpy's ``adata.uns['rank_genes_groups']`` layout for one-vs-rest (or single) comparisons:
-    ``names`` ranked by ``proba_de``, ``scores`` the Bayes factors, ``logfoldchanges`` the mean
-    log2 fold changes, ``pvals`` ``proba_not_de`` and ``pvals_adj`` the expected FDR of the top-k set,
-    so ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` read it."""
+    ``names`` in :func:`marker_order` (up-regulated first, as scanpy ranks), ``scores`` ``proba_de``
+    signed by the direction (in [-1, 1], descending along ``names``), ``logfoldchanges`` the mean
+    log2 fold changes, ``pvals`` ``proba_not_de`` and ``pvals_adj`` the expected FDR of each top-k
+    list in that order, so
+    ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` read it."""
     groups = [group1 for group1, _ in comparisons]
     fields = {"names": [], "scores": [], "logfoldchanges": [], "pvals": [], "pvals_adj": []}
     for (group1, group2) in comparisons:
         table = result[(result["group1"] == group1) & (result["group2"] == group2)]
+        table = table.iloc[marker_order(table)]
         fdr = np.cumsum(table["proba_not_de"].to_numpy()) / np.arange(1, len(table) + 1)
         fields["names"].append(table.index.to_numpy().astype(object))
-        fields["scores"].append(table["bayes_factor"].to_numpy().astype(np.float32))
+        signed = table["proba_de"].to_numpy() * np.sign(table["lfc_mean"].to_numpy())
+        fields["scores"].append(signed.astype(np.float32))
         fields["logfoldchanges"].append(table["lfc_mean"].to_numpy().astype(np.float32))
         fields["pvals"].append(table["proba_not_de"].to_numpy())
         fields["pvals_adj"].append(fdr)

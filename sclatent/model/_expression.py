@@ -273,14 +273,17 @@ class CountExpressionOutputs:
         n_samples
             Posterior draws of the normalised expression per group (spread evenly over its cells).
         pseudocounts
-            Added to the normalised expression before the log; None: estimated from the genes with
-            no count in either group.
+            Added to the normalised expression before the log; None: estimated, per group, from the
+            genes with a mean raw count below 0.01 there (the 90 % quantile of their normalised
+            expression, the larger group's), as scvi-tools does.
         batch_size, seed, progress_bar
             Cells per forward pass; seed of the draws; a progress bar over the comparisons.
         key_added
             Also write scanpy's ``rank_genes_groups`` structure to ``adata.uns[key_added]`` (one
-            entry per ``group1``; ``names`` ranked by ``proba_de``, ``scores`` the Bayes factors,
-            ``logfoldchanges`` the mean log2 fold changes, ``pvals`` ``proba_not_de``, ``pvals_adj``
+            entry per ``group1``; ``names`` in scanpy's order, up-regulated genes first by
+            ``proba_de`` and the most certain down-regulations last, ties broken by the gap in mean
+            expression; ``scores`` ``proba_de`` signed by the direction; ``logfoldchanges`` the mean
+            log2 fold changes, ``pvals`` ``proba_not_de``, ``pvals_adj``
             the expected FDR of each top-k list), for ``sc.get.rank_genes_groups_df(adata, group,
             key=key_added)`` and ``sc.pl.rank_genes_groups_dotplot(adata, key=key_added)``.
 

@@ -89,10 +89,15 @@ def test_every_group_against_the_rest_and_scanpy_reads_the_structure(trained):
     assert sorted(result["group1"].unique()) == ["type_0", "type_1", "type_2"]
     assert (result["group2"] == "rest").all() and len(result) == 3 * adata.n_vars
     table = sc.get.rank_genes_groups_df(target, group="type_0", key="rank_genes_groups_sclatent")
-    ours = result[result["group1"] == "type_0"]
-    assert list(table["names"]) == list(ours.index)
+    ours = result[result["group1"] == "type_0"].loc[table["names"]]
+    assert set(table["names"]) == set(result[result["group1"] == "type_0"].index)
     np.testing.assert_allclose(table["logfoldchanges"], ours["lfc_mean"], rtol=1e-5)
     np.testing.assert_allclose(table["pvals"], ours["proba_not_de"])
+    # scanpy's order: up-regulated genes first (signed proba_de descending), signed scores
+    signed = (ours["proba_de"] * np.sign(ours["lfc_mean"])).to_numpy()
+    assert np.all(np.diff(signed) <= 0)
+    assert (table["logfoldchanges"].iloc[:5] > 0).all() and (table["logfoldchanges"].iloc[-5:] < 0).all()
+    np.testing.assert_array_equal(np.sign(table["scores"]), np.sign(table["logfoldchanges"]))
     figure = sc.pl.rank_genes_groups_dotplot(target, key="rank_genes_groups_sclatent", n_genes=3, show=False)
     assert figure is not None
 
@@ -155,3 +160,15 @@ def test_bad_input_names_the_fix(trained):
     single = VAE(plain, n_latent=3, n_hidden=16, seed=0)
     with pytest.raises(ValueError, match="batch_correction=True needs a model set up with a batch_key"):
         single.differential_expression(groupby="group", group1="type_0", batch_correction=True, progress_bar=False)
+
+
+def test_default_pseudocount_comes_from_the_genes_silent_in_a_group():
+    from sclatent.model._differential import default_pseudocount
+
+    scale1 = np.array([1e-2, 1e-3, 2e-6, 4e-6])
+    scale2 = np.array([1e-2, 1e-3, 1e-3, 8e-6])
+    # gene 2 unexpressed in group 1 only, gene 3 below the 0.01 mean-count threshold in group 2 only
+    raw1, raw2 = np.array([3.0, 1.0, 0.0, 0.2]), np.array([3.0, 1.0, 0.5, 0.005])
+    assert default_pseudocount(scale1, scale2, raw1, raw2) == 8e-6  # group 2's silent gene, the larger
+    np.testing.assert_allclose(default_pseudocount(scale1, scale2, raw1, raw2 + 1), 2e-6)
+    assert default_pseudocount(scale1, scale2, raw1 + 1, raw2 + 1) == 0.0
