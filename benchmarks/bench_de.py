@@ -112,6 +112,19 @@ def scores(true_lfc, is_de, null, estimate, ranking, called) -> dict:
     }
 
 
+def model_row(result, adata, start: float, trained: float, end: float) -> tuple[dict, float]:
+    """A generative model's DE table (sclatent's or scvi-tools', the same columns) as a benchmark
+    row: estimate, ranking, calls and the seconds, genes in ``adata``'s order."""
+    result = result.loc[adata.var_names]
+    return {
+        "lfc": result["lfc_mean"].to_numpy(),
+        "rank": result["proba_de"].to_numpy(),
+        "called": result["is_de_fdr_0.05"].to_numpy(),
+        "train_s": trained - start,
+        "de_s": end - trained,
+    }, end - start
+
+
 def run_sclatent(adata, epochs: int, seed: int) -> tuple[dict, float]:
     from sclatent.model import VAE
 
@@ -128,15 +141,7 @@ def run_sclatent(adata, epochs: int, seed: int) -> tuple[dict, float]:
         batch_correction=True,
         progress_bar=False,
     )
-    end = time.perf_counter()
-    result = result.loc[adata.var_names]
-    return {
-        "lfc": result["lfc_mean"].to_numpy(),
-        "rank": result["proba_de"].to_numpy(),
-        "called": result["is_de_fdr_0.05"].to_numpy(),
-        "train_s": trained - start,
-        "de_s": end - trained,
-    }, end - start
+    return model_row(result, adata, start, trained, time.perf_counter())
 
 
 def run_scvi(adata, epochs: int, seed: int) -> tuple[dict, float]:
@@ -157,15 +162,7 @@ def run_scvi(adata, epochs: int, seed: int) -> tuple[dict, float]:
     result = model.differential_expression(
         groupby="group", group1=GROUP_A, group2=GROUP_B, mode="change", delta=DELTA, batch_correction=True, silent=True
     )
-    end = time.perf_counter()
-    result = result.loc[adata.var_names]
-    return {
-        "lfc": result["lfc_mean"].to_numpy(),
-        "rank": result["proba_de"].to_numpy(),
-        "called": result["is_de_fdr_0.05"].to_numpy(),
-        "train_s": trained - start,
-        "de_s": end - trained,
-    }, end - start
+    return model_row(result, adata, start, trained, time.perf_counter())
 
 
 def run_scanpy(adata, method: str) -> tuple[dict, float]:
