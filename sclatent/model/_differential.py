@@ -110,12 +110,7 @@ def expression_draws(
             z, log_library = inf["z"], inf["log_library"]
             if n_samples == 1:
                 z, log_library = z.unsqueeze(0), log_library.unsqueeze(0)
-            targets = [batch] if batch_codes is None else [batch.in_batch(code) for code in batch_codes]
-            rho = torch.exp(module.generative(z, log_library, targets[0])["log_scale"])
-            for target in targets[1:]:
-                rho += torch.exp(module.generative(z, log_library, target)["log_scale"])
-            if len(targets) > 1:
-                rho /= len(targets)
+            rho = module.expression(z, log_library, batch, batch_codes)
             draws.append(rho.reshape(-1, rho.shape[-1]))
     return torch.cat(draws)
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ..base import seeded
-from ..data import MiniBatch, Registry
+from ..data import Registry
 from ..data.ondisk import MatrixWriter
 from ..modules.vae import VAEModule
 
@@ -153,12 +153,7 @@ class CountExpressionOutputs:
                 inf = module.inference(batch, n_samples=n_samples)
                 z = module.latent_mean(inf) if n_samples == 1 else inf["z"]
                 log_library = inf["ql_mean"] if "ql_mean" in inf and n_samples == 1 else inf["log_library"]
-                if codes is None:
-                    values = self._decoded(module, z, log_library, batch, library_size)
-                else:
-                    values = sum(
-                        self._decoded(module, z, log_library, batch.in_batch(code), library_size) for code in codes
-                    ) / len(codes)
+                values = module.expression(z, log_library, batch, codes, expected_counts=library_size == "latent")
                 if n_samples > 1:
                     values = values.mean(0)
                 if library_size != "latent":
@@ -175,11 +170,6 @@ class CountExpressionOutputs:
         if return_numpy:
             return values
         return pd.DataFrame(values, index=self._rows(adata, indices), columns=names)
-
-    @staticmethod
-    def _decoded(module: VAEModule, z, log_library, batch: MiniBatch, library_size) -> torch.Tensor:
-        gen = module.generative(z, log_library, batch)
-        return torch.exp(gen["log_mu"] if library_size == "latent" else gen["log_scale"])
 
     @torch.no_grad()
     def posterior_predictive_sample(

@@ -334,6 +334,25 @@ class VAEModule(Module):
             "zi_logits": heads["zi_logits"],
         }
 
+    def expression(
+        self,
+        z: torch.Tensor,
+        log_library: torch.Tensor,
+        batch: MiniBatch,
+        batch_codes: list[int] | None = None,
+        expected_counts: bool = False,
+    ) -> torch.Tensor:
+        """Normalised expression ``exp(log_scale)`` (rows sum to one), or the mean counts
+        ``exp(log_mu)`` with ``expected_counts``, ``(..., B, G)``: decoded with the cells' own batch
+        (``batch_codes=None``), or with each of ``batch_codes`` in place of it and averaged (the
+        counterfactual expression; the encoder's view of the cells is untouched)."""
+        key = "log_mu" if expected_counts else "log_scale"
+        targets = [batch] if batch_codes is None else [batch.in_batch(code) for code in batch_codes]
+        total = torch.exp(self.generative(z, log_library, targets[0])[key])
+        for target in targets[1:]:
+            total = total + torch.exp(self.generative(z, log_library, target)[key])
+        return total if len(targets) == 1 else total / len(targets)
+
     def _log_likelihood(self, gen: dict[str, torch.Tensor], batch: MiniBatch) -> torch.Tensor:
         """log p(x | z, l) per cell; ``gen`` tensors may carry a leading sample axis."""
         log_mu = gen["log_mu"]
