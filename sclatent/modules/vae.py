@@ -34,7 +34,6 @@ from ..contracts import LossOutput, Module
 from ..data.loader import MiniBatch
 from ..distributions import (
     GeneLikelihood,
-    count_log_likelihood,
     gaussian_kl,
     gaussian_log_prob,
     sample,
@@ -353,32 +352,6 @@ class VAEModule(Module):
             total = total + torch.exp(self.generative(z, log_library, target)[key])
         return total if len(targets) == 1 else total / len(targets)
 
-    def _log_likelihood(self, gen: dict[str, torch.Tensor], batch: MiniBatch) -> torch.Tensor:
-        """log p(x | z, l) per cell; ``gen`` tensors may carry a leading sample axis."""
-        log_mu = gen["log_mu"]
-        if log_mu.dim() == 2:
-            return count_log_likelihood(
-                self.gene_likelihood, log_mu, gen["theta"], gen["zi_logits"], batch.nz_row, batch.nz_col, batch.nz_val
-            )
-        n_samples = log_mu.shape[0]
-        n_cells = batch.size
-        # fold samples into the cell axis: sample k of cell b becomes row k * B + b
-        offsets = (torch.arange(n_samples, device=log_mu.device) * n_cells).repeat_interleave(batch.nz_row.numel())
-        theta = gen["theta"]
-        if theta is not None:
-            theta = theta.expand_as(log_mu).reshape(-1, self.n_genes)
-        zi = gen["zi_logits"].reshape(-1, self.n_genes) if gen["zi_logits"] is not None else None
-        flat = count_log_likelihood(
-            self.gene_likelihood,
-            log_mu.reshape(-1, self.n_genes),
-            theta,
-            zi,
-            batch.nz_row.repeat(n_samples) + offsets,
-            batch.nz_col.repeat(n_samples),
-            batch.nz_val.repeat(n_samples),
-        )
-        return flat.reshape(n_samples, n_cells)
-
     # -------------------------------------------------------------------- prior of z
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -510,9 +483,39 @@ class VAEModule(Module):
                     log_library, self.library_log_means[index, None], self.library_log_vars[index, None]
                 )
                 log_w = log_w + prior - gaussian_log_prob(log_library, inf["ql_mean"], inf["ql_var"])
-            gen = self.generative(z, log_library, batch)
-            weights.append(log_w + self._log_likelihood(gen, batch))
+            weights.append(log_w + self._sampled_log_likelihood(z, log_library, batch))
         return torch.logsumexp(torch.cat(weights), dim=0) - math.log(n_samples)
+
+    def _sampled_log_likelihood(self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch) -> torch.Tensor:
+        """``(K, B)`` log p(x | z_k, l_k) for ``K`` latent samples ``z`` ``(K, B, n_latent)``.
+
+        The samples are folded into the cell axis (sample ``k`` of cell ``b`` is row ``k * B + b``)
+        and scored from the decoder's logits in one call of the training path's softmax likelihood
+        (the fused C kernel on CPU), whose nonzeros are the minibatch's repeated ``K`` times.
+        """
+        n_samples, n_cells = z.shape[0], batch.size
+        heads = self._decode(z, batch)
+        log_theta = heads["log_theta"]
+        if log_theta is not None and log_theta.numel() > self.n_genes:  # per cell (and sample): one row each
+            log_theta = log_theta.expand(n_samples, n_cells, -1).reshape(-1, self.n_genes)
+        zi_logits = heads["zi_logits"]
+        nnz = batch.nz_val.numel()
+        shift = torch.arange(n_samples, device=z.device)
+        row_ptr = (batch.nz_row_ptr[:-1].unsqueeze(0) + (shift * nnz).unsqueeze(1)).reshape(-1)
+        row_ptr = torch.cat([row_ptr, row_ptr.new_tensor([n_samples * nnz])])
+        flat = softmax_count_log_likelihood(
+            self.gene_likelihood,
+            heads["logits"].reshape(-1, self.n_genes),
+            log_library.expand(n_samples, n_cells, 1).reshape(-1, 1),
+            log_theta,
+            None if zi_logits is None else zi_logits.reshape(-1, self.n_genes),
+            (batch.nz_row.unsqueeze(0) + (shift * n_cells).unsqueeze(1)).reshape(-1),
+            batch.nz_col.repeat(n_samples),
+            batch.nz_val.repeat(n_samples),
+            batch.nz_log_factorial.repeat(n_samples),
+            row_ptr,
+        )
+        return flat.reshape(n_samples, n_cells)
 
     @torch.no_grad()
     def posterior_predictive(
