@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _schedule import matched_schedule
+
+from sclatent.model._base import default_max_epochs
 
 HERE = Path(__file__).resolve().parent
 N_HVG = 2000
@@ -78,7 +81,11 @@ def embed(method: str, adata, batch_key: str | None, seed: int, quick: bool) -> 
         sclatent.model.ContrastiveModel.setup_anndata(adata)
         mix = 0.0 if method == "contrastive_nomix" else 0.5
         model = sclatent.model.ContrastiveModel(adata, mix_max_weight=mix, seed=seed)
-    model.train(max_epochs=3 if quick else None if method == "vae" else 200, accelerator="cpu", progress_bar=False)
+    if method == "vae":  # the schedule these rows were recorded with (train()'s defaults before issue 18)
+        epochs = 3 if quick else default_max_epochs(adata.n_obs)
+        model.train(max_epochs=epochs, accelerator="cpu", progress_bar=False, **matched_schedule(epochs))
+    else:
+        model.train(max_epochs=3 if quick else 200, accelerator="cpu", progress_bar=False)
     facts = {"epochs": len(model.history["epoch"])}
     if "validation_nt_xent" in model.history:
         facts["validation_nt_xent_first"] = model.history["validation_nt_xent"][0]

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _schedule import matched_schedule
 
 DESIGNS = {
     "balanced": {"batch_effect": 0.5, "confound": None},
@@ -130,7 +131,7 @@ def run_sclatent(adata, epochs: int, seed: int) -> tuple[dict, float]:
 
     start = time.perf_counter()
     VAE.setup_anndata(adata, layer="counts", batch_key="batch")
-    model = VAE(adata, seed=seed).train(max_epochs=epochs, progress_bar=False, early_stopping=False)
+    model = VAE(adata, seed=seed).train(max_epochs=epochs, progress_bar=False, **matched_schedule(epochs))
     trained = time.perf_counter()
     result = model.differential_expression(
         groupby="group",
@@ -248,7 +249,7 @@ def one_vs_rest(method: str, adata, groupby: str, epochs: int, seed: int):
         from sclatent.model import VAE
 
         VAE.setup_anndata(adata, layer="counts")
-        model = VAE(adata, seed=seed).train(max_epochs=epochs, progress_bar=False, early_stopping=False)
+        model = VAE(adata, seed=seed).train(max_epochs=epochs, progress_bar=False, **matched_schedule(epochs))
         trained = time.perf_counter()
         result = model.differential_expression(groupby=groupby, mode="change", progress_bar=False)
     else:

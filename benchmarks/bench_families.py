@@ -46,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _schedule import matched_schedule
 from bench_vae import _peak_rss_mb  # VmHWM: ru_maxrss survives fork + exec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +116,7 @@ def run_family(family: str, adata, labels_key: str, batch_key: str | None, seed:
         prior = {"vae": {}, "flow": {"prior": "realnvp"}}[family]
         model = cls(adata, seed=seed, **prior)
         epochs = _epochs(adata.n_obs, quick, 200)
-        model.train(max_epochs=epochs, progress_bar=False)
+        model.train(max_epochs=epochs, progress_bar=False, **matched_schedule(epochs))
         n_samples = 20 if quick else 200
         own = model.get_marginal_ll(indices=model.validation_indices, n_mc_samples=n_samples)
         return {

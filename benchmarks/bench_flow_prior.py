@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _schedule import matched_schedule
 
 PRIORS = ("normal", "planar", "realnvp")
 # epochs per dataset: fixed (no early stopping) so the three priors get identical budgets; the
@@ -75,7 +76,7 @@ def run_one(adata, prior: str, seed: int, epochs: int, n_is: int, posterior: str
     extra = {} if posterior == "normal" else dict(posterior=posterior, n_posterior_flows=4, posterior_flow_hidden=64)
     model = VAE(adata, prior=prior, seed=seed, **MODEL, **extra)
     start = time.perf_counter()
-    model.train(max_epochs=epochs, accelerator="cpu", progress_bar=False)
+    model.train(max_epochs=epochs, accelerator="cpu", progress_bar=False, **matched_schedule(epochs))
     train_s = time.perf_counter() - start
     held = model.validation_indices
     start = time.perf_counter()

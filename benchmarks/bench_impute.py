@@ -217,6 +217,7 @@ def _timed_training(model, cfg, **train_kwargs) -> dict:
     model.train(
         max_epochs=cfg["epochs"],
         batch_size=BATCH_SIZE,
+        lr=1e-3,  # scvi-tools' (sclatent's train() defaults to 4e-3 since issue 18)
         seed=cfg["seed"],
         progress_bar=False,
         accelerator=cfg["accelerator"],
@@ -237,7 +238,9 @@ def _train_vae_early_stopping(adata, batch_key, cfg) -> tuple[object, dict]:
 
     VAE.setup_anndata(adata, layer="counts", batch_key=batch_key)
     model = VAE(adata, n_latent=10, n_hidden=128, n_layers=1, encode_covariates=False, seed=cfg["seed"])
-    return model, _timed_training(model, cfg, kl_warmup_epochs=cfg["kl_warmup_epochs"], **EARLY_STOPPING)
+    return model, _timed_training(
+        model, cfg, kl_warmup_epochs=cfg["kl_warmup_epochs"], restore_best=False, **EARLY_STOPPING
+    )
 
 
 def _dae_expected_counts(model, n_cells: int) -> np.ndarray:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _schedule import matched_schedule
 
 HERE = Path(__file__).resolve().parent
 FRACTIONS = (0.01, 0.1, 1.0)
@@ -151,7 +152,8 @@ def main() -> None:
     vae_data = pbmc.copy()
     VAE.setup_anndata(vae_data)
     vae = VAE(vae_data, n_latent=10, seed=0)
-    vae.train(max_epochs=5 if args.quick else None, accelerator="cpu", progress_bar=False)
+    vae_epochs = 5 if args.quick else 400
+    vae.train(max_epochs=vae_epochs, accelerator="cpu", progress_bar=False, **matched_schedule(vae_epochs))
     embeddings["vae"] = vae.get_latent_representation()
 
     # ------------------------------------------------------------------ labelled runs

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _schedule import matched_schedule
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
 
@@ -158,7 +159,7 @@ def main() -> None:
             data = adata.copy()
             VAE.setup_anndata(data, layer="counts")
             model = VAE(data, gene_likelihood=likelihood, seed=0)
-            model.train(max_epochs=args.epochs, progress_bar=False, early_stopping=False)
+            model.train(max_epochs=args.epochs, progress_bar=False, **matched_schedule(args.epochs))
             check = posterior_predictive_check(model, n_samples=args.n_samples)
             summary = check.summary["value"].to_dict()
             held_out = model.get_marginal_ll(indices=model.validation_indices, n_mc_samples=100)

@@ -95,6 +95,7 @@ def worker(spec: dict) -> dict:
         max_epochs=1,
         batch_size=BATCH_SIZE,
         train_size=1.0,
+        early_stopping=False,
         accelerator="cpu",
         progress_bar=spec.get("progress", False),
     )

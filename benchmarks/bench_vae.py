@@ -304,6 +304,7 @@ def _train_sclatent(adata, batch_key, cfg) -> tuple[object, dict]:
     model.train(
         max_epochs=cfg["epochs"],
         batch_size=BATCH_SIZE,
+        lr=1e-3,  # scvi-tools' (sclatent's train() defaults to 4e-3 since issue 18)
         train_size=1.0,
         early_stopping=False,
         kl_warmup_epochs=cfg["kl_warmup_epochs"],

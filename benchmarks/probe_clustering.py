@@ -22,16 +22,21 @@ from pathlib import Path
 import numpy as np
 
 RESOLUTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
-EARLY = {"max_epochs": 400, "early_stopping": True, "restore_best": True}
+# train()'s schedule when this probe was first run (before issue 18 changed the defaults)
+BEFORE = {"batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 133, "early_stopping": False}
+EARLY = {**BEFORE, "max_epochs": 400, "early_stopping": True, "restore_best": True, "patience": 45}
 VARIANTS = {
-    "defaults (400 epochs, n_latent 10)": ({}, {"max_epochs": 400}),
-    "n_latent 30": ({"n_latent": 30}, {"max_epochs": 400}),
-    "100 epochs": ({}, {"max_epochs": 100}),
+    "defaults (400 epochs, n_latent 10)": ({}, {**BEFORE, "max_epochs": 400}),
+    "n_latent 30": ({"n_latent": 30}, {**BEFORE, "max_epochs": 400}),
+    "100 epochs": ({}, {**BEFORE, "max_epochs": 100, "kl_warmup_epochs": 33}),
     "early stopping": ({}, EARLY),
     "n_latent 30, early stopping": ({"n_latent": 30}, EARLY),
     "n_latent 30, NB, early stopping": ({"n_latent": 30, "gene_likelihood": "nb"}, EARLY),
     "n_latent 30, 2 layers, early stopping": ({"n_latent": 30, "n_layers": 2}, EARLY),
     "n_latent 30, 256 hidden, early stopping": ({"n_latent": 30, "n_hidden": 256}, EARLY),
+    "train() defaults of issue 18": ({}, {}),
+    "issue-18 defaults, n_latent 30": ({"n_latent": 30}, {}),
+    "issue-18 defaults, n_latent 30, 2 layers": ({"n_latent": 30, "n_layers": 2}, {}),
 }
 
 

@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_de
+from _schedule import matched_schedule
 
 from sclatent.model import VAE
 
@@ -25,7 +26,7 @@ def main() -> None:
     torch.set_num_threads(2)
     adata, _, is_de, _ = bench_de.simulate("weak_balanced", 2000, 500, 0)
     VAE.setup_anndata(adata, layer="counts", batch_key="batch")
-    model = VAE(adata, seed=0).train(max_epochs=200, progress_bar=False, early_stopping=False)
+    model = VAE(adata, seed=0).train(max_epochs=200, progress_bar=False, **matched_schedule(200))
     for options in (
         {"batch_correction": True},
         {"batch_correction": True, "test_mode": "two"},

@@ -34,7 +34,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(2)
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(VARIANTS)
-    train = dict(batch_size=128, train_size=0.9, early_stopping=False, seed=0, progress_bar=False, accelerator="cpu")
+    train = dict(
+        batch_size=128, lr=1e-3, train_size=0.9, early_stopping=False, seed=0, progress_bar=False, accelerator="cpu"
+    )
     with tempfile.TemporaryDirectory() as work:
         prep = bench.prepare_transfer("pbmc", Path(work), bench.DEFAULT_DATA_DIR)
         reference, query = ad.read_h5ad(prep["ref_path"]), ad.read_h5ad(prep["query_path"])

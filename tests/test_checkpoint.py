@@ -346,7 +346,7 @@ def test_torch_file_without_the_marker_or_of_another_version_is_refused(saved_ru
     [
         (dict(seed=1), "seed: checkpoint 0, this run 1"),
         (dict(model_kwargs=dict(n_latent=4, n_hidden=8)), "state_dict"),
-        (dict(lr=0.01), "plan.lr: checkpoint 0.001, this run 0.01"),
+        (dict(lr=0.01), "plan.lr: checkpoint 0.004, this run 0.01"),
         (dict(batch_size=16), "plan.batch_size"),
         (dict(train_size=0.5), "train_cells"),
     ],

@@ -7,7 +7,10 @@ values in ``seeded_outputs.json`` were written by the code as it stood before th
 in one fresh interpreter in sorted order); the test computes them the same way and asserts that
 today's code gives the same numbers, to the last bit.
 
-Regenerate only when a change is *meant* to alter results, and say so in the commit.
+Regenerate only when a change is *meant* to alter results, and say so in the commit. Changed since:
+the VAE cases' ``marginal_ll`` (issue 18: the importance-sampled likelihood now runs through the
+training path's fused softmax kernel; the same numbers to float32 rounding, ~1e-7 relative); the
+VAE cases pass the training schedule they were pinned with, as ``train()``'s defaults changed.
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ def case_vae_default() -> dict:
 
     adata = _cells()
     VAE.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
-    model = VAE(adata, n_hidden=32, seed=3).train(max_epochs=3, batch_size=64, progress_bar=False)
+    # the schedule the pins were written with (train()'s defaults changed with issue 18)
+    model = VAE(adata, n_hidden=32, seed=3).train(
+        max_epochs=3, batch_size=64, lr=1e-3, early_stopping=False, progress_bar=False
+    )
     return {
         "train_loss": _train_losses(model),
         "latent": _numbers(model.get_latent_representation()),
@@ -80,7 +86,7 @@ def case_vae_variants() -> dict:
         adata = _cells(seed=1)
         VAE.setup_anndata(adata, batch_key="batch")
         model = VAE(adata, n_hidden=16, n_latent=4, seed=0, **settings)
-        model.train(max_epochs=2, batch_size=64, progress_bar=False)
+        model.train(max_epochs=2, batch_size=64, lr=1e-3, early_stopping=False, progress_bar=False)
         out[name] = {
             "train_loss": _train_losses(model),
             "latent": _numbers(model.get_latent_representation()),

@@ -206,10 +206,11 @@ def setup_from_arguments(model_class, adata, labels_key: str | None, args: argpa
 def timed_training(model, args: argparse.Namespace, **train_arguments) -> float:
     """``model.train`` with the command line's epochs, batch size, device, progress bar and
     checkpoint folder; seconds."""
+    if args.batch_size is not None:
+        train_arguments["batch_size"] = args.batch_size
     start = time.perf_counter()
     model.train(
         max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
         accelerator=args.accelerator,
         progress_bar=not args.no_progress,
         checkpoint_dir=getattr(args, "checkpoint_dir", None),
@@ -265,7 +266,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-non-integer", action="store_true", help="accept fractional counts (e.g. ambient-RNA corrected)"
     )
     parser.add_argument("--labels-key", default=None, help="obs column with labels, for ARI/NMI")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="cells per minibatch (default: the model's)")
     parser.add_argument("--accelerator", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", default=None, help="model folder (default: OUT stem + '_model')")

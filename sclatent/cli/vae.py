@@ -12,7 +12,9 @@ from ._common import CellCommand, Run
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--early-stopping", action="store_true")
+    parser.add_argument(
+        "--no-early-stopping", action="store_true", help="train all --max-epochs (default: stop on the held-out ELBO)"
+    )
     parser.add_argument("--n-mc-samples", type=int, default=200, help="importance samples for the held-out LL")
 
 
@@ -53,7 +55,7 @@ def _command(name: str, family: str, prior: str, help: str, description: str) ->
         model=VAE,
         hyperparameter_defaults={"prior": prior},
         add_arguments=_add_arguments,
-        train_options=lambda args: {"early_stopping": args.early_stopping},
+        train_options=lambda args: {"early_stopping": not args.no_early_stopping},
         after_training=_held_out_likelihood,
         report=_report,
     )

@@ -87,9 +87,10 @@ class DenoisingAE(BaseModel):
     ) -> DenoisingAE:
         """Fit on the registered AnnData; other arguments as :meth:`sclatent.model.VAE.train`.
 
-        Defaults: at most 300 epochs, 10 % of the cells held out, and early stopping (patience 15,
-        best epoch restored) on how well the model predicts counts it cannot see: a fixed 10 % of
-        the held-out cells' nonzero counts are hidden from their input and scored
+        Defaults: at most 300 epochs, minibatches of 128 cells, Adam at 1e-3, 10 % of the cells held
+        out, and early stopping (patience 15, best epoch restored) on how well the model predicts
+        counts it cannot see: a fixed 10 % of the held-out cells' nonzero counts are hidden from
+        their input and scored
         (``validation_masked_nll``, see ``AutoencoderModule.masked_nll``). An autoencoder has no KL
         term to keep it from memorising the training counts; trained on, it reproduces their zeros,
         dropouts included, even while the held-out reconstruction loss still improves (measured in
@@ -101,6 +102,9 @@ class DenoisingAE(BaseModel):
         with penalties, ``train_l1`` / ``train_contractive``. No ``*_elbo``: an autoencoder has none.
         """
         kwargs.setdefault("kl_warmup_epochs", 0)
+        # its own schedule (measured in benchmarks/RESULTS.md), not the VAEs' larger batches and steps
+        kwargs.setdefault("batch_size", 128)
+        kwargs.setdefault("lr", 1e-3)
         if early_stopping and train_size < 1.0 and self.module.validation_mask_rate > 0:
             kwargs.setdefault("monitor", "masked_nll")
             kwargs.setdefault("restore_best", True)

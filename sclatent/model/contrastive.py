@@ -70,13 +70,17 @@ class ContrastiveModel(BaseModel):
 
         Defaults: 200 epochs, minibatches of 256 cells (NT-Xent's negatives are the other cells of
         the minibatch: larger batches give a harder, more informative task), 10 % of the cells held
-        out. History: ``train_nt_xent`` / ``validation_nt_xent`` (nats per cell; early stopping
-        watches it by default; no ``*_elbo``: there is no likelihood). The held-out loss uses fixed
+        out, no early stopping (``early_stopping=True`` watches the held-out NT-Xent). History:
+        ``train_nt_xent`` / ``validation_nt_xent`` (nats per cell; no ``*_elbo``: there is no
+        likelihood). The held-out loss uses fixed
         augmentations and minibatches of up to 1,024 cells: its number of negatives differs from
         training's (NT-Xent grows like the log of it), so compare its trend, not its level, with the
         training curve.
         """
         kwargs.setdefault("kl_warmup_epochs", 0)
+        # all epochs by default: NT-Xent has no likelihood to hold out, and its held-out value (other
+        # negatives, fixed views) tracks the training loss's trend only
+        kwargs.setdefault("early_stopping", False)
         return super().train(max_epochs=max_epochs, batch_size=batch_size, lr=lr, train_size=train_size, **kwargs)
 
     # ----------------------------------------------------------------- outputs

@@ -108,6 +108,9 @@ class CellGAN(BaseModel):
             cells get ``validation_wasserstein``, the critic's estimate of the distance between them
             and synthetic cells).
 
+        Unlike the likelihood models it does not stop early by default (``early_stopping=False``):
+        neither player's loss says how realistic the synthetic cells are.
+
         Notes
         -----
         History (per epoch, means per cell): ``train_critic_loss`` (``-W + lambda * GP``),
@@ -127,6 +130,8 @@ class CellGAN(BaseModel):
             steps_per_epoch = max(1, len(train_cells) // batch_size)
             max_epochs = max(20, math.ceil(_DEFAULT_GENERATOR_STEPS * self.module.n_critic / steps_per_epoch))
         kwargs.setdefault("kl_warmup_epochs", 0)
+        # a fixed budget of generator updates: the players' losses do not measure sample quality
+        kwargs.setdefault("early_stopping", False)
         kwargs["weight_decay"] = kwargs.get("weight_decay", 0.0)
         super().train(max_epochs=max_epochs, batch_size=batch_size, lr=lr, train_size=train_size, seed=seed, **kwargs)
         return self

@@ -22,6 +22,7 @@ from sclatent.data import SetupError
 from sclatent.datasets import synthetic
 from sclatent.metrics import leiden_scores, nb_baseline_log_likelihood
 from sclatent.model import VAE
+from sclatent.model._base import DEFAULT_PATIENCE
 
 TRAIN = dict(accelerator="cpu", progress_bar=False)
 N_EPOCHS_TRAINED = 40
@@ -298,6 +299,32 @@ def test_train_validation_split(trained):
 # --------------------------------------------------------------------------- marginal likelihood
 
 
+def test_marginal_ll_mean_is_a_per_cell_mean(trained):
+    """``return_mean=True`` averages cells, not minibatches: with 150 cells in minibatches of 64 the
+    short last minibatch (22 cells) weighs as its cells do (scvi-tools' mean of minibatch means
+    would weigh it like a full one); the benchmarks average ``return_mean=False`` the same way."""
+    _, model = trained
+    cells = np.arange(150)
+    per_cell = model.get_marginal_ll(indices=cells, n_mc_samples=20, batch_size=64, return_mean=False, seed=0)
+    mean = model.get_marginal_ll(indices=cells, n_mc_samples=20, batch_size=64, seed=0)
+    assert mean == pytest.approx(per_cell.mean(), rel=1e-12)
+    batch_means = np.mean([per_cell[i : i + 64].mean() for i in range(0, 150, 64)])
+    assert abs(batch_means - per_cell.mean()) > 1e-3  # the distinction is not vacuous on these cells
+
+
+def test_marginal_ll_batched_samples_match_one_sample_at_a_time(trained):
+    """The importance samples are scored in chunks folded into the cell axis of one fused
+    likelihood call; chunking must not change the estimate beyond float32 rounding."""
+    _, model = trained
+    batch = next(iter(model._batches(None, np.arange(40), 40)))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        together = model.module.marginal_log_likelihood(batch, n_samples=30, chunk=30)
+        torch.manual_seed(0)
+        one_by_one = model.module.marginal_log_likelihood(batch, n_samples=30, chunk=1)
+    np.testing.assert_allclose(together.numpy(), one_by_one.numpy(), rtol=1e-5)
+
+
 def test_marginal_ll_is_above_elbo(trained):
     _, model = trained
     cells = model.validation_indices
@@ -523,6 +550,23 @@ def test_early_stopping_stops():
     assert 4 <= n_epochs < 200
     val = np.asarray(model.history["validation_elbo"])
     assert val[-3:].max() <= val[:-3].max()  # the last `patience` epochs did not improve
+
+
+def test_default_training_stops_early_and_restores_the_best_epoch():
+    """``train()`` with no arguments: early stopping on the held-out ELBO, best epoch restored. A
+    wide model on 60 cells overfits within a few dozen epochs, so the held-out ELBO peaks and falls."""
+    adata = _small(n_cells=60, n_genes=300, n_batches=1, seed=3)
+    VAE.setup_anndata(adata)
+    model = VAE(adata, n_hidden=256, n_latent=20, dropout_rate=0.0, seed=0)
+    model.train(max_epochs=400, **TRAIN)
+    val = np.asarray(model.history["validation_elbo"])
+    best = int(np.argmax(val))
+    assert len(val) == best + 1 + DEFAULT_PATIENCE < 400  # stopped `patience` epochs after the best one
+    assert val[best] > val[-1] + 1.0  # it did overfit after the best epoch
+    # the parameters are the best epoch's: the held-out ELBO is back at its peak, not at the last value
+    held_out = np.mean([model.get_elbo(indices=model.validation_indices, seed=s) for s in range(20)])
+    assert abs(held_out - val[best]) < abs(held_out - val[-1])
+    assert held_out > val[-1] + 0.5 * (val[best] - val[-1])
 
 
 def test_two_cells_train_or_fail_clearly():
