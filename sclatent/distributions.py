@@ -384,6 +384,7 @@ def native_softmax_nb(
     cols: torch.Tensor,
     values: torch.Tensor,
     with_gradients: bool,
+    row_coefficients: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One call of the native NB/ZINB kernel: per-cell log-likelihood and, if asked, its gradients.
 
@@ -400,6 +401,10 @@ def native_softmax_nb(
         ``(1, G)`` or ``(B, G)`` log inverse dispersion.
     row_ptr, cols, values
         The minibatch's nonzero counts in CSR form (int64, int64, float32; contiguous).
+    row_coefficients
+        ``(B,)`` float64: each row's ``sum over its nonzeros of lgamma(x + theta) - lgamma(theta) -
+        lgamma(x + 1)``, if known (:func:`nb_log_coefficients`); the kernel then skips those special
+        functions. Read only without gradients.
 
     Returns
     -------
@@ -419,6 +424,8 @@ def native_softmax_nb(
     grad_log_library = torch.empty(n_cells, dtype=heads.dtype) if with_gradients else None
     grad_log_theta = torch.empty(n_cells, n_genes, dtype=heads.dtype) if with_gradients else None
     offset = n_genes * heads.element_size()  # the zi_logits columns follow the logits
+    # held here: the kernel reads the buffer, so it must outlive the call
+    coefficients = None if row_coefficients is None else row_coefficients.to(torch.float64).contiguous()
     kernel.softmax_nb_log_likelihood(
         n_cells,
         n_genes,
@@ -433,6 +440,7 @@ def native_softmax_nb(
         row_ptr.data_ptr(),
         cols.data_ptr(),
         values.data_ptr(),
+        None if coefficients is None else coefficients.data_ptr(),
         out.data_ptr(),
         work.data_ptr(),
         None if grad_heads is None else grad_heads.data_ptr(),
@@ -494,6 +502,30 @@ def _native_kernel(likelihood, logits, log_library, log_theta, zi_logits):
     return _native.kernels(logits.device, logits.dtype)
 
 
+def nb_log_coefficients(
+    log_theta: torch.Tensor, nz_row: torch.Tensor, nz_col: torch.Tensor, nz_val: torch.Tensor, n_cells: int
+) -> torch.Tensor:
+    """``(B,)`` float64: per cell, the sum over its nonzero counts of the NB coefficient
+    ``log Gamma(x + theta) - log Gamma(theta) - log Gamma(x + 1)`` (nats), the part of ``log NB(x)``
+    that depends on neither the mean nor the zero inflation.
+
+    Parameters
+    ----------
+    log_theta
+        Log inverse dispersion, ``(1, G)`` (per gene) or ``(B, G)`` (per cell: batch or label rows).
+    nz_row, nz_col, nz_val
+        The cells' nonzero counts.
+    n_cells
+        ``B``.
+    """
+    rows = torch.zeros_like(nz_row) if log_theta.shape[0] == 1 else nz_row
+    # theta as the kernel sees it (float32), the special functions in float64 as the kernel's
+    theta = torch.exp(log_theta.detach())[rows, nz_col].to(torch.float64)
+    x = nz_val.to(torch.float64)
+    terms = torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0)
+    return torch.zeros(n_cells, dtype=torch.float64, device=terms.device).index_add_(0, nz_row, terms)
+
+
 def softmax_count_log_likelihood(
     likelihood: str,
     logits: torch.Tensor,
@@ -505,6 +537,7 @@ def softmax_count_log_likelihood(
     nz_val: torch.Tensor,
     nz_log_factorial: torch.Tensor | None = None,
     nz_row_ptr: torch.Tensor | None = None,
+    log_coefficients: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell log-likelihood with mean ``softmax(logits) * exp(log_library)``; the training path.
 
@@ -530,6 +563,10 @@ def softmax_count_log_likelihood(
     nz_row_ptr
         ``(B + 1,)`` CSR row pointer of the nonzeros (which must then be sorted by row), as the
         loaders give it; computed from ``nz_row`` when needed and not given.
+    log_coefficients
+        ``(B,)`` the NB coefficients' per-cell sums (:func:`nb_log_coefficients`) when the caller
+        has them: rows repeating one cell under several latent samples share them, and the C kernel
+        then skips their special functions (without gradients; ignored elsewhere).
 
     Returns
     -------
@@ -544,7 +581,7 @@ def softmax_count_log_likelihood(
             nz_row, nz_col, nz_val = nz_row[order], nz_col[order], nz_val[order]
             nz_row_ptr = torch.zeros(logits.shape[0] + 1, dtype=torch.int64)
             torch.cumsum(torch.bincount(nz_row, minlength=logits.shape[0]), 0, out=nz_row_ptr[1:])
-        return _NativeSoftmaxNB.apply(
+        inputs = (
             kernel,
             _heads_matrix(logits, zi_logits),
             logits.shape[1],
@@ -555,6 +592,12 @@ def softmax_count_log_likelihood(
             nz_col.to(torch.int64).contiguous(),
             nz_val.to(logits.dtype).contiguous(),
         )
+        differentiable = (logits, log_library, log_theta, zi_logits)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+            return _NativeSoftmaxNB.apply(*inputs)
+        # evaluation (no_grad): the kernel skips the gradients, which autograd.Function would still
+        # ask for (its needs_input_grad follows requires_grad, not the grad mode)
+        return native_softmax_nb(*inputs, False, log_coefficients)[0]
     return _SoftmaxCountLogLikelihood.apply(
         likelihood, logits, log_library, log_theta, zi_logits, nz_row, nz_col, nz_val, nz_log_factorial
     )

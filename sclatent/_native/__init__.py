@@ -119,7 +119,7 @@ def _declare(library: ctypes.CDLL) -> None:
     pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "softmax_nb_log_likelihood": [size, size, pointer, size, pointer, size, pointer, pointer, pointer, size]
-        + [pointer] * 9
+        + [pointer] * 10
         + [size, count],
         "sparse_linear_forward": [size, size] + [pointer] * 6 + [count],
         "sparse_linear_backward_weight": [size, size, size] + [pointer] * 5 + [count],

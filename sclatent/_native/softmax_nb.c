@@ -225,15 +225,19 @@ static inline __attribute__((always_inline)) float nb_zero_terms(int64_t G, cons
  * work: (n_threads, 4, G) scratch, one row's intermediates per thread (they stay in L1/L2 cache).
  * grad_h, grad_zi: (B, G) with row stride grad_stride (they may interleave in one buffer, as h and
  * zi may); grad_log_theta: (B, G) contiguous; all three NULL for no gradients. grad_log_library:
- * (B,) or NULL.
+ * (B,) or NULL. row_coefficients: (B,) double, each row's sum over its nonzeros of
+ * lgamma(x + theta) - lgamma(theta) - lgamma(x + 1), when the caller knows it (rows that repeat one
+ * cell under several latent samples share it); NULL to compute it here. Gradients need the
+ * per-entry digamma terms, so it is only read without them.
  */
 void softmax_nb_log_likelihood(int64_t B, int64_t G, const float *h, int64_t h_stride, const float *zi,
                                int64_t zi_stride, const float *log_library, const float *theta,
                                const float *log_theta, int64_t theta_stride, const int64_t *row_ptr,
-                               const int64_t *cols, const float *values, float *out,
-                               float *work, float *grad_h, float *grad_log_library, float *grad_log_theta,
-                               float *grad_zi, int64_t grad_stride, int n_threads) {
+                               const int64_t *cols, const float *values, const double *row_coefficients,
+                               float *out, float *work, float *grad_h, float *grad_log_library,
+                               float *grad_log_theta, float *grad_zi, int64_t grad_stride, int n_threads) {
     const int want_grad = grad_h != 0;
+    const int known_coefficients = row_coefficients != 0 && !want_grad;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t b = 0; b < B; b++) {
         const float *hb = h + b * h_stride;
@@ -267,8 +271,8 @@ void softmax_nb_log_likelihood(int64_t B, int64_t G, const float *h, int64_t h_s
         for (int64_t k = row_ptr[b]; k < row_ptr[b + 1]; k++) {
             const int64_t g = cols[k];
             const float xv = values[k], th = thb[g], mu = e[g] * scale, log1p_ratio = l1p[g];
-            double log_coefficient, digamma_difference;
-            nb_count_terms(xv, th, &log_coefficient, &digamma_difference);
+            double log_coefficient = 0.0, digamma_difference = 0.0;
+            if (!known_coefficients) nb_count_terms(xv, th, &log_coefficient, &digamma_difference);
             float term = -th * log1p_ratio + xv * (hb[g] + log_mu_offset - ltb[g] - log1p_ratio);
             if (zb) term += logf(keep[g]); /* log(1 - pi) */
             correction += log_coefficient + (double)(term - zero[g]);
@@ -279,6 +283,7 @@ void softmax_nb_log_likelihood(int64_t B, int64_t G, const float *h, int64_t h_s
                 if (zb) gz[g] = keep[g] - 1.0f; /* -pi */
             }
         }
+        if (known_coefficients) correction += row_coefficients[b];
         out[b] = (float)((double)total + correction);
 
         if (want_grad) {

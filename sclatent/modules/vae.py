@@ -36,6 +36,7 @@ from ..distributions import (
     GeneLikelihood,
     gaussian_kl,
     gaussian_log_prob,
+    nb_log_coefficients,
     sample,
     softmax_count_log_likelihood,
 )
@@ -305,16 +306,19 @@ class VAEModule(Module):
             heads = {k: v.reshape(*lead, -1) for k, v in heads.items()}
         else:
             heads = self.decoder(z, cats, cont)
-        if self.gene_likelihood == "poisson":
-            log_theta = None
-        elif self.dispersion == "gene-cell":
-            log_theta = heads["log_theta"]
-        elif self.dispersion == "gene":
-            log_theta = self.log_theta
-        else:
-            index = batch.batch_index if self.dispersion == "gene-batch" else batch.label_index
-            log_theta = self.log_theta[index]
+        cell_dispersion = self.gene_likelihood != "poisson" and self.dispersion == "gene-cell"
+        log_theta = heads["log_theta"] if cell_dispersion else self._latent_free_log_theta(batch)
         return {"logits": heads["scale"], "zi_logits": heads.get("zi_logits"), "log_theta": log_theta}
+
+    def _latent_free_log_theta(self, batch: MiniBatch) -> torch.Tensor | None:
+        """Log inverse dispersion when it does not depend on ``z``: ``(1, G)`` per gene, ``(B, G)``
+        per batch or label; None for Poisson and for ``dispersion="gene-cell"`` (decoded from z)."""
+        if self.gene_likelihood == "poisson" or self.dispersion == "gene-cell":
+            return None
+        if self.dispersion == "gene":
+            return self.log_theta
+        index = batch.batch_index if self.dispersion == "gene-batch" else batch.label_index
+        return self.log_theta[index]
 
     def generative(self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch) -> dict[str, torch.Tensor]:
         """Likelihood parameters for latent ``z`` (``(..., B, n_latent)``).
@@ -459,6 +463,11 @@ class VAEModule(Module):
             # ~4M entries per decoder pass: large enough to be efficient, small enough that the
             # peak memory (a few (chunk, B, G) tensors) stays in the hundreds of MB
             chunk = max(1, min(n_samples, 2**22 // max(1, batch.size * self.n_genes)))
+        # the NB coefficient of each count depends on neither z nor l: once per cell, not per sample
+        log_theta = self._latent_free_log_theta(batch)
+        coefficients = None
+        if log_theta is not None:
+            coefficients = nb_log_coefficients(log_theta, batch.nz_row, batch.nz_col, batch.nz_val, batch.size)
         weights = []
         for start in range(0, n_samples, chunk):
             k = min(chunk, n_samples - start)
@@ -483,15 +492,19 @@ class VAEModule(Module):
                     log_library, self.library_log_means[index, None], self.library_log_vars[index, None]
                 )
                 log_w = log_w + prior - gaussian_log_prob(log_library, inf["ql_mean"], inf["ql_var"])
-            weights.append(log_w + self._sampled_log_likelihood(z, log_library, batch))
+            weights.append(log_w + self._sampled_log_likelihood(z, log_library, batch, coefficients))
         return torch.logsumexp(torch.cat(weights), dim=0) - math.log(n_samples)
 
-    def _sampled_log_likelihood(self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch) -> torch.Tensor:
+    def _sampled_log_likelihood(
+        self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch, coefficients: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(K, B)`` log p(x | z_k, l_k) for ``K`` latent samples ``z`` ``(K, B, n_latent)``.
 
         The samples are folded into the cell axis (sample ``k`` of cell ``b`` is row ``k * B + b``)
         and scored from the decoder's logits in one call of the training path's softmax likelihood
-        (the fused C kernel on CPU), whose nonzeros are the minibatch's repeated ``K`` times.
+        (the fused C kernel on CPU), whose nonzeros are the minibatch's repeated ``K`` times;
+        ``coefficients`` ``(B,)``, the cells' NB coefficient sums (:func:`~sclatent.distributions.nb_log_coefficients`),
+        spare the kernel recomputing them for every sample.
         """
         n_samples, n_cells = z.shape[0], batch.size
         heads = self._decode(z, batch)
@@ -514,6 +527,7 @@ class VAEModule(Module):
             batch.nz_val.repeat(n_samples),
             batch.nz_log_factorial.repeat(n_samples),
             row_ptr,
+            None if coefficients is None else coefficients.repeat(n_samples),
         )
         return flat.reshape(n_samples, n_cells)
 

@@ -237,6 +237,34 @@ def test_native_likelihood_without_grad_gives_the_same_values(likelihood):
 
 
 @pytest.mark.needs_native
+@pytest.mark.parametrize("theta_shape", ["1G", "BG"])
+@pytest.mark.parametrize("likelihood", ["zinb", "nb"])
+def test_known_count_coefficients_leave_the_likelihood_unchanged(likelihood, theta_shape):
+    """nb_log_coefficients sums lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) per cell (checked
+    against scipy), and the kernel handed them (it then skips those special functions, as
+    get_marginal_ll does for its repeated rows) gives the same log-likelihood; shifted ones show
+    up one for one, so the kernel does read them."""
+    from scipy.special import gammaln
+
+    logits, log_library, log_theta, zi, x = _likelihood_inputs(theta_shape)
+    z = zi if likelihood == "zinb" else None
+    r, c, v, ptr = _nonzeros(x, shuffled=False)
+    coefficients = D.nb_log_coefficients(log_theta, r, c, v, x.shape[0])
+    theta = torch.exp(log_theta.detach()).double().numpy()  # float32 theta, as the kernel sees it
+    rows = np.zeros_like(r.numpy()) if theta.shape[0] == 1 else r.numpy()
+    t, counts = theta[rows, c.numpy()], v.numpy().astype(np.float64)
+    expected = np.bincount(r.numpy(), gammaln(counts + t) - gammaln(t) - gammaln(counts + 1), minlength=x.shape[0])
+    np.testing.assert_allclose(coefficients.numpy(), expected, rtol=1e-10, atol=1e-9)
+    args = (likelihood, logits, log_library, log_theta, z, r, c, v)
+    with torch.no_grad():
+        computed = D.softmax_count_log_likelihood(*args, nz_row_ptr=ptr)
+        given = D.softmax_count_log_likelihood(*args, nz_row_ptr=ptr, log_coefficients=coefficients)
+        shifted = D.softmax_count_log_likelihood(*args, nz_row_ptr=ptr, log_coefficients=coefficients + 1.0)
+    torch.testing.assert_close(given, computed, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(shifted - given, torch.ones_like(given), rtol=0, atol=1e-3)
+
+
+@pytest.mark.needs_native
 def test_native_likelihood_gradient_for_some_inputs_only():
     """A fixed library size and dispersion (no grad) still give the logits' and zi's gradients."""
     logits, log_library, log_theta, zi, x = _likelihood_inputs("1G")
