@@ -170,8 +170,8 @@ class BaseModel(Model):
         ELBO for the VAEs) has not improved for 20 epochs, ending with the best epoch's parameters;
         minibatches of 256 cells, Adam at learning rate 4e-3, the KL weight rising over the first
         20 epochs. Measured against scvi-tools' defaults (400 epochs, no early stopping) in
-        ``benchmarks/RESULTS.md``: a better held-out log p(x) in about a tenth of the time, where the
-        400-epoch run overfits. ``early_stopping=False`` trains all ``max_epochs``.
+        ``benchmarks/RESULTS.md``: scvi-tools' held-out log p(x) reached 11-90x sooner, a better one
+        at the end, where the 400-epoch run overfits. ``early_stopping=False`` trains all ``max_epochs``.
 
         Parameters
         ----------
@@ -188,7 +188,9 @@ class BaseModel(Model):
             takes ``cuda:LOCAL_RANK`` (``"auto"`` with CUDA, or ``"cuda"``) or the CPU.
         train_size
             Fraction of (non-empty) cells used for training; the rest is held out, monitored each
-            epoch, and available as ``validation_indices`` for held-out likelihoods.
+            epoch, and available as ``validation_indices`` for held-out likelihoods. With early
+            stopping they also pick the epoch kept, so a likelihood on them is slightly optimistic:
+            for an unbiased one, score cells the model never saw (as ``bench_time_to_quality.py`` does).
         early_stopping, patience
             Stop when ``monitor`` has not improved on the held-out cells (on the training cells with
             ``train_size=1``) for ``patience`` epochs.
