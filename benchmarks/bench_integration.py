@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,9 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_label_transfer import BULK_LABELS_TO_COARSE, PBMC3K_TO_COARSE
-from bench_vae import _limit_threads, _peak_rss_mb, _version
+from bench_vae import _limit_threads, _peak_rss_mb, _version, run_worker_process
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("cellbench_5cl", "pbmc_joined", "synthetic")
 SYNTHETIC_ARGS = {"n_cells": 3000, "n_genes": 1000, "n_clusters": 6, "n_batches": 3, "batch_effect": 1.5, "seed": 0}
 METHODS = {
@@ -187,12 +185,7 @@ def run_method(method: str, data_path: Path, args, workdir: Path) -> dict:
     spec = {"method": method, "data": str(data_path), "seed": args.seed, "threads": args.threads, "out": str(out)}
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(args.threads)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    proc = run_worker_process(__file__, spec_path, args.threads)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-20:])
         print(f"  !! {method} failed:\n{tail}", flush=True)

@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +39,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vae import _limit_threads, _peak_rss_mb, _rss_mb, _version
+from bench_vae import _limit_threads, _peak_rss_mb, _rss_mb, _version, run_worker_process
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("pbmc68k", "pbmc3k", "cellbench_5cl", "mouse_brain")
 TEST_FRACTION = 0.1
 N_HVG = 2000
@@ -274,14 +272,7 @@ def run_method(
     }
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(args.threads)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-        env=env, capture_output=True, text=True,
-    )
+    proc = run_worker_process(__file__, spec_path, args.threads)
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-25:])
         print(f"  !! {method} {variant} failed (exit {proc.returncode}):\n{tail}", flush=True)

@@ -133,6 +133,17 @@ def _git_state() -> dict[str, object]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
+def run_worker_process(script: str, spec_path: Path, threads: int) -> subprocess.CompletedProcess:
+    """``python script --worker spec_path`` in a fresh process that imports this checkout, with
+    ``threads`` BLAS / OpenMP threads; its output captured."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    command = [sys.executable, str(Path(script).resolve()), "--worker", str(spec_path)]
+    return subprocess.run(command, env=env, capture_output=True, text=True)
+
+
 def _limit_threads(threads: int) -> None:
     """Thread limits for BLAS / OpenMP (before torch is imported) and torch itself."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
