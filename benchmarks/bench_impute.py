@@ -82,6 +82,7 @@ from bench_vae import (
     environment,
     load_dataset,
     pca_embedding,
+    start_worker,
     warn_if_busy,
 )
 
@@ -253,17 +254,8 @@ def _dae_expected_counts(model, n_cells: int) -> np.ndarray:
 
 def run_worker(spec_path: str) -> None:
     """One model on one corrupted matrix, in this (fresh) process; writes a JSON result and npy arrays."""
-    cfg = json.loads(Path(spec_path).read_text())
-    _limit_threads(cfg["threads"])
+    cfg = start_worker(spec_path)
     import torch
-
-    torch.set_num_threads(cfg["threads"])
-    import anndata as ad  # noqa: F401  (imported before the RSS baseline, like the model packages)
-
-    if cfg["method"] == "scvi":
-        import scvi  # noqa: F401
-    else:
-        import sclatent.model  # noqa: F401
 
     arrays = dict(np.load(cfg["npz"], allow_pickle=False))
     batch_key = "batch" if cfg["batch_categories"] else None

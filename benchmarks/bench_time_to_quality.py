@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vae import _limit_threads, _peak_rss_mb, _rss_mb, _version, run_worker_process
+from bench_vae import _peak_rss_mb, _rss_mb, _version, run_worker_process, start_worker
 
 DATASETS = ("pbmc68k", "pbmc3k", "cellbench_5cl", "mouse_brain")
 TEST_FRACTION = 0.1
@@ -222,16 +222,9 @@ def _train_scvi(adata, batch_key, cfg):
 
 
 def run_worker(spec_path: str) -> None:
-    cfg = json.loads(Path(spec_path).read_text())
-    _limit_threads(cfg["threads"])
+    cfg = start_worker(spec_path)
     import anndata as ad
-    import torch
 
-    torch.set_num_threads(cfg["threads"])
-    if cfg["method"] == "scvi":
-        import scvi  # noqa: F401
-    else:
-        import sclatent.model  # noqa: F401
     train = ad.read_h5ad(cfg["paths"]["train"])
     test = ad.read_h5ad(cfg["paths"]["test"])
     result = {"rss_before_model_mb": _rss_mb()}

@@ -144,6 +144,24 @@ def run_worker_process(script: str, spec_path: Path, threads: int) -> subprocess
     return subprocess.run(command, env=env, capture_output=True, text=True)
 
 
+def start_worker(spec_path: str) -> dict:
+    """A worker process's spec, read after the set-up every worker shares: BLAS / OpenMP and torch
+    limited to ``spec["threads"]``, and anndata plus the method's library (scvi-tools for
+    ``"scvi"``, else sclatent) imported before the worker takes its RSS baseline."""
+    cfg = json.loads(Path(spec_path).read_text())
+    _limit_threads(cfg["threads"])
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    import anndata  # noqa: F401
+
+    if cfg["method"] == "scvi":
+        import scvi  # noqa: F401
+    else:
+        import sclatent.model  # noqa: F401
+    return cfg
+
+
 def _limit_threads(threads: int) -> None:
     """Thread limits for BLAS / OpenMP (before torch is imported) and torch itself."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -433,17 +451,8 @@ def _expected_counts(method: str, model, n_cells: int, n_samples: int) -> np.nda
 
 def run_worker(spec_path: str) -> None:
     """One method, one task, in this (fresh) process; writes a JSON result and npy arrays."""
-    cfg = json.loads(Path(spec_path).read_text())
-    _limit_threads(cfg["threads"])
+    cfg = start_worker(spec_path)
     import torch
-
-    torch.set_num_threads(cfg["threads"])
-    import anndata as ad  # noqa: F401  (imported before the RSS baseline, like the model packages)
-
-    if cfg["method"] == "scvi":
-        import scvi  # noqa: F401
-    else:
-        import sclatent.model  # noqa: F401
 
     arrays = dict(np.load(cfg["npz"], allow_pickle=False))
     batch_key = "batch" if cfg["batch_categories"] else None
