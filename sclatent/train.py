@@ -39,7 +39,10 @@ class TrainingPlan:
     lr, weight_decay, eps
         Adam settings (``eps=0.01`` as in scVI: it damps steps of rarely updated parameters).
     kl_warmup_epochs
-        The KL weight rises linearly from 0 to 1 over this many epochs (0: no warm-up).
+        The KL weight rises linearly from 0 to ``max_kl_weight`` over this many epochs (0: no warm-up).
+    max_kl_weight
+        The KL weight after the warm-up (1: the ELBO; above 1 a beta-VAE objective; scvi-tools'
+        ``plan_kwargs={"max_kl_weight": ...}``). Validation and the held-out ELBO always use weight 1.
     early_stopping
         Stop when the monitored quantity has not improved by ``min_delta`` for ``patience`` epochs.
     monitor
@@ -57,6 +60,7 @@ class TrainingPlan:
     weight_decay: float = 1e-6
     eps: float = 0.01
     kl_warmup_epochs: int = 0
+    max_kl_weight: float = 1.0
     early_stopping: bool = False
     patience: int = 45
     min_delta: float = 0.0
@@ -65,9 +69,9 @@ class TrainingPlan:
 
     def kl_weight(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
         if self.kl_warmup_epochs <= 0:
-            return 1.0
+            return self.max_kl_weight
         progress = epoch + step_in_epoch / max(1, steps_per_epoch)
-        return min(1.0, progress / self.kl_warmup_epochs)
+        return self.max_kl_weight * min(1.0, progress / self.kl_warmup_epochs)
 
 
 def split_cells(cells: np.ndarray, train_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
