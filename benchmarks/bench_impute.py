@@ -219,6 +219,7 @@ def _timed_training(model, cfg, **train_kwargs) -> dict:
         max_epochs=cfg["epochs"],
         batch_size=BATCH_SIZE,
         lr=1e-3,  # scvi-tools' (sclatent's train() defaults to 4e-3 since issue 18)
+        max_kl_weight=1.0,  # scvi-tools' ELBO (sclatent's train() defaults to 2)
         seed=cfg["seed"],
         progress_bar=False,
         accelerator=cfg["accelerator"],

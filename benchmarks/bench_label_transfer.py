@@ -390,6 +390,7 @@ class SclatentPipeline:
         return {
             "batch_size": BATCH_SIZE,
             "lr": LR,
+            "max_kl_weight": 1.0,  # scvi-tools' ELBO (sclatent's train() defaults to 2)
             "train_size": TRAIN_SIZE,
             "early_stopping": False,
             "seed": self.cfg["seed"],

@@ -334,6 +334,7 @@ def _train_sclatent(adata, batch_key, cfg) -> tuple[object, dict]:
         max_epochs=cfg["epochs"],
         batch_size=BATCH_SIZE,
         lr=1e-3,  # scvi-tools' (sclatent's train() defaults to 4e-3 since issue 18)
+        max_kl_weight=1.0,  # scvi-tools' ELBO (sclatent's train() defaults to 2)
         train_size=1.0,
         early_stopping=False,
         kl_warmup_epochs=cfg["kl_warmup_epochs"],

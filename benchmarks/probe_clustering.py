@@ -23,7 +23,9 @@ import numpy as np
 
 RESOLUTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
 # train()'s schedule when this probe was first run (before issue 18 changed the defaults)
-BEFORE = {"batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 133, "early_stopping": False}
+BEFORE = {"batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 133, "early_stopping": False, "max_kl_weight": 1.0}
+# issue 18's first defaults, before max_kl_weight became 2 (bench_clustering.py)
+ISSUE_18 = {"max_kl_weight": 1.0}
 EARLY = {**BEFORE, "max_epochs": 400, "early_stopping": True, "restore_best": True, "patience": 45}
 VARIANTS = {
     "defaults (400 epochs, n_latent 10)": ({}, {**BEFORE, "max_epochs": 400}),
@@ -34,9 +36,9 @@ VARIANTS = {
     "n_latent 30, NB, early stopping": ({"n_latent": 30, "gene_likelihood": "nb"}, EARLY),
     "n_latent 30, 2 layers, early stopping": ({"n_latent": 30, "n_layers": 2}, EARLY),
     "n_latent 30, 256 hidden, early stopping": ({"n_latent": 30, "n_hidden": 256}, EARLY),
-    "train() defaults of issue 18": ({}, {}),
-    "issue-18 defaults, n_latent 30": ({"n_latent": 30}, {}),
-    "issue-18 defaults, n_latent 30, 2 layers": ({"n_latent": 30, "n_layers": 2}, {}),
+    "train() defaults of issue 18": ({}, ISSUE_18),
+    "issue-18 defaults, n_latent 30": ({"n_latent": 30}, ISSUE_18),
+    "issue-18 defaults, n_latent 30, 2 layers": ({"n_latent": 30, "n_layers": 2}, ISSUE_18),
 }
 
 

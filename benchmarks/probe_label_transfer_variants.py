@@ -35,7 +35,14 @@ def main() -> None:
     torch.set_num_threads(2)
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(VARIANTS)
     train = dict(
-        batch_size=128, lr=1e-3, train_size=0.9, early_stopping=False, seed=0, progress_bar=False, accelerator="cpu"
+        batch_size=128,
+        lr=1e-3,
+        max_kl_weight=1.0,
+        train_size=0.9,
+        early_stopping=False,
+        seed=0,
+        progress_bar=False,
+        accelerator="cpu",
     )
     with tempfile.TemporaryDirectory() as work:
         prep = bench.prepare_transfer("pbmc", Path(work), bench.DEFAULT_DATA_DIR)

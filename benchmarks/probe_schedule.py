@@ -5,9 +5,9 @@ Usage, from the repository root (the JSON maps a label to ``[VAE kwargs, train k
 
     SCLATENT_DATA_DIR=../shared/data PYTHONPATH=. python benchmarks/probe_schedule.py pbmc3k '{
       "ES p45 warm133": [{}, {"early_stopping": true, "restore_best": true, "patience": 45,
-                              "batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 133}],
+                              "batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 133, "max_kl_weight": 1}],
       "ES p45 warm20": [{}, {"early_stopping": true, "restore_best": true, "patience": 45,
-                             "batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 20}]}'
+                             "batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 20, "max_kl_weight": 1}]}'
 
 Datasets: ``pbmc3k``, ``cellbench_5cl``, ``mouse_brain``, ``pbmc68k`` as in
 ``bench_time_to_quality.py`` (same split: seed 0, 10 % held out); held-out log p(x) with ``NMC``
