@@ -8,12 +8,19 @@ from __future__ import annotations
 import argparse
 
 from ..model import VAE
+from ..model._base import DEFAULT_MAX_KL_WEIGHT
 from ._common import CellCommand, Run
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-early-stopping", action="store_true", help="train all --max-epochs (default: stop on the held-out ELBO)"
+    )
+    parser.add_argument(
+        "--max-kl-weight",
+        type=float,
+        default=DEFAULT_MAX_KL_WEIGHT,
+        help=f"KL weight after the warm-up (default {DEFAULT_MAX_KL_WEIGHT:g}; 1 trains on the plain ELBO)",
     )
     parser.add_argument("--n-mc-samples", type=int, default=200, help="importance samples for the held-out LL")
 
@@ -55,7 +62,7 @@ def _command(name: str, family: str, prior: str, help: str, description: str) ->
         model=VAE,
         hyperparameter_defaults={"prior": prior},
         add_arguments=_add_arguments,
-        train_options=lambda args: {"early_stopping": not args.no_early_stopping},
+        train_options=lambda args: {"early_stopping": not args.no_early_stopping, "max_kl_weight": args.max_kl_weight},
         after_training=_held_out_likelihood,
         report=_report,
     )

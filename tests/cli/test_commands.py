@@ -123,7 +123,7 @@ def test_fit_vae_on_input_file(tmp_path, capsys):
     model_dir = tmp_path / "my_model"
     options = (
         "--layer counts --batch-key batch --labels-key cell_type --max-epochs 2 --n-latent 4 --n-hidden 16 "
-        "--gene-likelihood nb --no-baseline --no-progress --n-mc-samples 5"
+        "--gene-likelihood nb --no-baseline --no-progress --n-mc-samples 5 --max-kl-weight 1.5"
     ).split()
     code = main(["fit-vae", str(source), "--out", str(out), "--model-dir", str(model_dir), *options])
     stdout = capsys.readouterr().out
@@ -134,6 +134,8 @@ def test_fit_vae_on_input_file(tmp_path, capsys):
     model = VAE.load(model_dir, adata=result)
     assert model.registry.layer == "counts" and model.registry.batch_key == "batch"
     assert model.hyperparameters["gene_likelihood"] == "nb"
+    # two epochs leave no warm-up (max_epochs // 3 == 0): the KL weight is --max-kl-weight throughout
+    assert model.history["kl_weight"] == [1.5, 1.5]
     # the input file is left as it was
     np.testing.assert_array_equal(ad.read_h5ad(source).X.toarray(), adata.X.toarray())
 
