@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_clustering import best_over_resolutions
 
-RESOLUTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
 # train()'s schedule when this probe was first run (before issue 18 changed the defaults)
 BEFORE = {"batch_size": 128, "lr": 1e-3, "kl_warmup_epochs": 133, "early_stopping": False, "max_kl_weight": 1.0}
 # issue 18's first defaults, before max_kl_weight became 2 (bench_clustering.py)
@@ -40,21 +41,6 @@ VARIANTS = {
     "issue-18 defaults, n_latent 30": ({"n_latent": 30}, ISSUE_18),
     "issue-18 defaults, n_latent 30, 2 layers": ({"n_latent": 30, "n_layers": 2}, ISSUE_18),
 }
-
-
-def best_over_resolutions(embedding: np.ndarray, labels: np.ndarray) -> dict:
-    from sclatent.metrics.clustering import leiden_scores
-
-    runs = {r: leiden_scores(embedding, labels, resolution=r) for r in RESOLUTIONS}
-    best_ari = max(runs, key=lambda r: runs[r]["ari"])
-    best_nmi = max(runs, key=lambda r: runs[r]["nmi"])
-    return {
-        "ari": runs[best_ari]["ari"],
-        "ari_resolution": best_ari,
-        "nmi": runs[best_nmi]["nmi"],
-        "nmi_resolution": best_nmi,
-        "ari_at_1": runs[1.0]["ari"],
-    }
 
 
 def main() -> None:
