@@ -113,7 +113,8 @@ def main() -> None:
     ssvae_seconds = time.perf_counter() - start
     reference.obsm["X_sclatent_ssvae"] = model.get_latent_representation()
     text["training"] = (
-        f"The VAE trained 200 epochs in {vae_seconds:.1f} s, the semi-supervised VAE "
+        f"The VAE trained {len(vae.history['train_loss'])} epochs (at most 200, early stopping on the held-out "
+        f"ELBO) in {vae_seconds:.1f} s, the semi-supervised VAE "
         f"{len(model.history['train_loss'])} epochs in {ssvae_seconds:.1f} s (CPU, 2 threads). The temperature "
         f"fitted on {model.calibration['cells']} labelled held-out cells is T = {model.temperature:.2f} "
         f"(mean negative log-likelihood {model.calibration['nll_before']:.3f} -> {model.calibration['nll_after']:.3f} "
@@ -152,7 +153,8 @@ def main() -> None:
     same = np.array_equal(query_model.get_latent_representation(reference), reference.obsm["X_sclatent_ssvae"])
     text["mapping"] = (
         f"Mapping trained only the new batch's rows ({', '.join(query_model.query_freezing.partly_trained.values())} "
-        f"entries of the two embedding tables) for 200 epochs in {mapping_seconds:.1f} s; the reference cells keep "
+        f"entries of the two embedding tables) for {len(query_model.history['train_loss'])} epochs (at most 200) in "
+        f"{mapping_seconds:.1f} s; the reference cells keep "
         f"their latent positions under the query model: {same}."
     )
 
