@@ -20,7 +20,8 @@ mouse_brain_10k_chr1 (9,999 non-empty cells x 1,000 genes).
 ``--variants`` adds sclatent runs with other ``train()`` arguments (JSON: name -> kwargs), the
 study behind the defaults. ``--marginal-ll-only EPOCHS`` times the held-out evaluation alone, after
 ``EPOCHS`` epochs of training in each library (its cost does not depend on how trained the model
-is); ``--marginal-ll-repeats N`` times that call N times in each process and reports the median. Run from the repository root (about 40 min on 2 cores)::
+is); ``--marginal-ll-repeats N`` times that call N times in each process and reports the median.
+Run from the repository root (about 40 min on 2 cores)::
 
     SCLATENT_DATA_DIR=../shared/data PYTHONPATH=. python benchmarks/bench_time_to_quality.py
 """
