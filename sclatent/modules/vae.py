@@ -468,6 +468,8 @@ class VAEModule(Module):
         coefficients = None
         if log_theta is not None:
             coefficients = nb_log_coefficients(log_theta, batch.nz_row, batch.nz_col, batch.nz_val, batch.size)
+        # the nonzeros repeated for a full chunk of samples, once: every chunk reads a prefix of them
+        folded = self._folded_nonzeros(batch, chunk, coefficients)
         weights = []
         for start in range(0, n_samples, chunk):
             k = min(chunk, n_samples - start)
@@ -492,42 +494,59 @@ class VAEModule(Module):
                     log_library, self.library_log_means[index, None], self.library_log_vars[index, None]
                 )
                 log_w = log_w + prior - gaussian_log_prob(log_library, inf["ql_mean"], inf["ql_var"])
-            weights.append(log_w + self._sampled_log_likelihood(z, log_library, batch, coefficients))
+            weights.append(log_w + self._sampled_log_likelihood(z, log_library, batch, folded))
         return torch.logsumexp(torch.cat(weights), dim=0) - math.log(n_samples)
 
+    @staticmethod
+    def _folded_nonzeros(
+        batch: MiniBatch, n_samples: int, coefficients: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """The minibatch's nonzeros repeated for ``n_samples`` latent samples folded into the cell
+        axis (sample ``k`` of cell ``b`` is row ``k * B + b``), sample-major: the first ``k`` samples'
+        entries are a prefix of each tensor, so one fold serves every ``k <= n_samples``.
+        ``coefficients`` ``(B,)`` (:func:`~sclatent.distributions.nb_log_coefficients`) repeat with them."""
+        nnz, n_cells = batch.nz_val.numel(), batch.size
+        shift = torch.arange(n_samples, device=batch.nz_val.device)
+        row_ptr = (batch.nz_row_ptr[:-1].unsqueeze(0) + (shift * nnz).unsqueeze(1)).reshape(-1)
+        return {
+            "row": (batch.nz_row.unsqueeze(0) + (shift * n_cells).unsqueeze(1)).reshape(-1),
+            "col": batch.nz_col.repeat(n_samples),
+            "val": batch.nz_val.repeat(n_samples),
+            "log_factorial": batch.nz_log_factorial.repeat(n_samples),
+            "row_ptr": torch.cat([row_ptr, row_ptr.new_tensor([n_samples * nnz])]),
+            "coefficients": None if coefficients is None else coefficients.repeat(n_samples),
+        }
+
     def _sampled_log_likelihood(
-        self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch, coefficients: torch.Tensor | None = None
+        self, z: torch.Tensor, log_library: torch.Tensor, batch: MiniBatch, folded: dict[str, torch.Tensor | None]
     ) -> torch.Tensor:
         """``(K, B)`` log p(x | z_k, l_k) for ``K`` latent samples ``z`` ``(K, B, n_latent)``.
 
-        The samples are folded into the cell axis (sample ``k`` of cell ``b`` is row ``k * B + b``)
-        and scored from the decoder's logits in one call of the training path's softmax likelihood
-        (the fused C kernel on CPU), whose nonzeros are the minibatch's repeated ``K`` times;
-        ``coefficients`` ``(B,)``, the cells' NB coefficient sums (:func:`~sclatent.distributions.nb_log_coefficients`),
-        spare the kernel recomputing them for every sample.
+        The samples are scored from the decoder's logits in one call of the training path's softmax
+        likelihood (the fused C kernel on CPU) on ``folded`` (:meth:`_folded_nonzeros` for at least
+        ``K`` samples), whose NB coefficient sums, when present, spare the kernel recomputing them
+        for every sample.
         """
         n_samples, n_cells = z.shape[0], batch.size
+        nnz = n_samples * batch.nz_val.numel()
         heads = self._decode(z, batch)
         log_theta = heads["log_theta"]
         if log_theta is not None and log_theta.numel() > self.n_genes:  # per cell (and sample): one row each
             log_theta = log_theta.expand(n_samples, n_cells, -1).reshape(-1, self.n_genes)
         zi_logits = heads["zi_logits"]
-        nnz = batch.nz_val.numel()
-        shift = torch.arange(n_samples, device=z.device)
-        row_ptr = (batch.nz_row_ptr[:-1].unsqueeze(0) + (shift * nnz).unsqueeze(1)).reshape(-1)
-        row_ptr = torch.cat([row_ptr, row_ptr.new_tensor([n_samples * nnz])])
+        coefficients = folded["coefficients"]
         flat = softmax_count_log_likelihood(
             self.gene_likelihood,
             heads["logits"].reshape(-1, self.n_genes),
             log_library.expand(n_samples, n_cells, 1).reshape(-1, 1),
             log_theta,
             None if zi_logits is None else zi_logits.reshape(-1, self.n_genes),
-            (batch.nz_row.unsqueeze(0) + (shift * n_cells).unsqueeze(1)).reshape(-1),
-            batch.nz_col.repeat(n_samples),
-            batch.nz_val.repeat(n_samples),
-            batch.nz_log_factorial.repeat(n_samples),
-            row_ptr,
-            None if coefficients is None else coefficients.repeat(n_samples),
+            folded["row"][:nnz],
+            folded["col"][:nnz],
+            folded["val"][:nnz],
+            folded["log_factorial"][:nnz],
+            folded["row_ptr"][: n_samples * n_cells + 1],
+            None if coefficients is None else coefficients[: n_samples * n_cells],
         )
         return flat.reshape(n_samples, n_cells)
 
