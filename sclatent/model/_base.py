@@ -249,6 +249,11 @@ class BaseModel(Model):
         over the processes once per epoch). Every process ends with the same parameters and
         history; only rank 0 should write files.
         """
+        # checked before anything moves (device, split, process group)
+        if not (math.isfinite(max_kl_weight) and max_kl_weight > 0):
+            raise ValueError(
+                f"max_kl_weight must be a finite number > 0 (got {max_kl_weight!r}); 1 trains on the ELBO."
+            )
         if self.query_freezing is not None:  # 0, or refused: L2 decay would move the frozen entries
             weight_decay = self.query_freezing.weight_decay(weight_decay)
         elif weight_decay is None:
@@ -275,10 +280,6 @@ class BaseModel(Model):
             kl_warmup_epochs = min(DEFAULT_KL_WARMUP_EPOCHS, max_epochs // 3)
         if restore_best is None:
             restore_best = early_stopping
-        if not (math.isfinite(max_kl_weight) and max_kl_weight > 0):
-            raise ValueError(
-                f"max_kl_weight must be a finite number > 0 (got {max_kl_weight!r}); 1 trains on the ELBO."
-            )
         plan = TrainingPlan(
             max_epochs=max_epochs,
             batch_size=batch_size,

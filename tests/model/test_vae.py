@@ -289,8 +289,14 @@ def test_max_kl_weight_scales_the_warm_up_and_pulls_posteriors_to_the_prior():
 def test_max_kl_weight_must_be_positive_and_finite(weight):
     adata = _small(n_cells=50, n_genes=10)
     VAE.setup_anndata(adata)
+    before = adata.copy()
+    model = VAE(adata, n_hidden=8)
     with pytest.raises(ValueError, match="max_kl_weight must be a finite number > 0"):
-        VAE(adata, n_hidden=8).train(max_epochs=1, max_kl_weight=weight, **TRAIN)
+        model.train(max_epochs=1, max_kl_weight=weight, **TRAIN)
+    # refused before anything ran: no split, no history, the AnnData as it was
+    assert model.train_indices.size == 0 and not model.history and not model.is_trained
+    np.testing.assert_array_equal(adata.X.toarray(), before.X.toarray())
+    assert adata.obs.equals(before.obs)
 
 
 def test_train_again_appends_history():
