@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -80,14 +81,21 @@ def plot_training_history(
     axes = axes[0]
     for ax, term in zip(axes, panels):
         for split, style in (("train", "-"), ("validation", "--")):
-            values = history.get(f"{split}_{term}")
-            if values:
-                ax.plot(epochs, values, style, label=split)
+            values = np.asarray(history.get(f"{split}_{term}") or [], dtype=float)
+            scored = np.isfinite(values)  # NaN: an epoch that did not score the held-out cells
+            if scored.any():
+                marker = None if scored.all() else "o"
+                ax.plot(np.asarray(epochs)[scored], values[scored], style, marker=marker, markersize=3, label=split)
         ax.set_title(_TITLES.get(term, term.replace("_", " ")))
         ax.set_xlabel("epoch")
         if len(epochs) > 10:
             # the first epochs dwarf the rest; zoom on the converging part
-            tail = [v for s in ("train", "validation") for v in history.get(f"{s}_{term}", [])[len(epochs) // 10 :]]
+            tail = [
+                v
+                for s in ("train", "validation")
+                for v in history.get(f"{s}_{term}", [])[len(epochs) // 10 :]
+                if math.isfinite(v)
+            ]
             if tail and max(tail) > min(tail):
                 span = max(tail) - min(tail)
                 ax.set_ylim(min(tail) - 0.05 * span, max(tail) + 0.05 * span)

@@ -52,6 +52,9 @@ class TrainingPlan:
         :attr:`~sclatent.contracts.Module.default_monitor`.
     restore_best
         With early stopping, end with the parameters of the best monitored epoch rather than the last.
+    check_val_every_n_epoch
+        Score the validation cells after every ``n``-th epoch and after the last (1: every epoch).
+        Early stopping then looks at the scored epochs only: ``patience`` counts validations.
     """
 
     max_epochs: int
@@ -66,6 +69,11 @@ class TrainingPlan:
     min_delta: float = 0.0
     monitor: str | None = None
     restore_best: bool = False
+    check_val_every_n_epoch: int = 1
+
+    def validates(self, epoch: int) -> bool:
+        """Whether the validation cells are scored after ``epoch`` (0-based)."""
+        return (epoch + 1) % self.check_val_every_n_epoch == 0 or epoch + 1 == self.max_epochs
 
     def kl_weight(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
         if self.kl_warmup_epochs <= 0:
@@ -224,9 +232,12 @@ class EarlyStopping:
     def __init__(self, plan: TrainingPlan, monitor: str, loop: LoopState) -> None:
         self.plan, self.monitor, self.loop = plan, monitor, loop
 
-    def update(self, record: dict[str, float], module: Module) -> bool:
-        """Take one epoch's record; True when training should stop."""
+    def update(self, record: dict[str, float], module: Module, held_out: bool = False) -> bool:
+        """Take one epoch's record; True when training should stop. With ``held_out`` cells, an
+        epoch that did not score them (``check_val_every_n_epoch``) does not count."""
         if not self.plan.early_stopping:
+            return False
+        if held_out and not any(key.startswith("validation_") for key in record):
             return False
         loop, value = self.loop, monitored(record, self.monitor)
         if value < loop.best - self.plan.min_delta:
@@ -318,9 +329,10 @@ def fit(
         stopping = EarlyStopping(plan, plan.monitor or module.default_monitor, loop)
         module.train()
         for epoch in progress:
-            record = _epoch(module, data, step, minibatches, validation_cells, plan, epoch, loop, distributed)
+            scored = validation_cells if plan.validates(epoch) else validation_cells[:0]
+            record = _epoch(module, data, step, minibatches, scored, plan, epoch, loop, distributed)
             progress.set_postfix(_postfix(record, _groups(module), stopping.monitor))
-            loop.epoch, loop.stopped = epoch + 1, stopping.update(record, module)
+            loop.epoch, loop.stopped = epoch + 1, stopping.update(record, module, len(validation_cells) > 0)
             if checkpoint is not None:
                 checkpoint.save(module, optimizers, generator, loop, distributed, minibatches.noise_generator)
             if loop.stopped:
@@ -370,8 +382,13 @@ def _epoch(
         validation = evaluate(module, data, validation_cells, distributed=distributed)
         record.update({f"validation_{k}": v for k, v in validation.items()})
     record["seconds"] = time.perf_counter() - start
+    # every list one entry per epoch: NaN where an epoch did not score the held-out cells
+    n_before = len(loop.history.get("epoch", []))
     for key, value in record.items():
-        loop.history.setdefault(key, []).append(value)
+        loop.history.setdefault(key, [math.nan] * n_before).append(value)
+    for values in loop.history.values():
+        if len(values) == n_before:
+            values.append(math.nan)
     _check_finite(record, epoch)
     return record
 

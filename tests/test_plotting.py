@@ -55,3 +55,24 @@ def test_adversarial_history_gets_each_players_loss():
 def test_untrained_history_is_refused():
     with pytest.raises(ValueError, match="train it first"):
         plot_training_history({})
+
+
+def test_spaced_validations_plot_as_points_and_keep_the_zoom_finite():
+    nan = float("nan")
+    epochs = 12
+    validation = [nan] * epochs
+    validation[3], validation[7], validation[11] = -3.0, -2.6, -2.5  # check_val_every_n_epoch=4
+    history = _history(
+        train_elbo=[-4.0 + 0.1 * e for e in range(epochs)],
+        train_reconstruction=[3.0 - 0.1 * e for e in range(epochs)],
+        train_kl=[1.0] * epochs,
+        validation_elbo=validation,
+    )
+    fig = plot_training_history(history)
+    ax = fig.axes[0]
+    train_line, validation_line = ax.lines
+    assert list(validation_line.get_xdata()) == [4, 8, 12]
+    assert list(validation_line.get_ydata()) == [-3.0, -2.6, -2.5]
+    assert validation_line.get_marker() == "o" and train_line.get_marker() in ("None", None, "")
+    low, high = ax.get_ylim()
+    assert low < -3.0 and high > -2.9  # the zoom spans both curves, NaN ignored

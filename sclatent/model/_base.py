@@ -162,6 +162,7 @@ class BaseModel(Model):
         max_kl_weight: float = DEFAULT_MAX_KL_WEIGHT,
         monitor: str | None = None,
         restore_best: bool | None = None,
+        check_val_every_n_epoch: int | None = None,
         seed: int | None = None,
         progress_bar: bool = True,
         data_on_device: bool | None = None,
@@ -203,6 +204,12 @@ class BaseModel(Model):
             What early stopping watches (``"elbo"``, ``"loss"`` or a term the model reports; default
             the model's own: the ELBO for the VAE), and whether to end with the best epoch's
             parameters (default: with early stopping).
+        check_val_every_n_epoch
+            Score the held-out cells after every ``n``-th epoch and after the last; default (None)
+            every epoch, which early stopping and the history's ``validation_*`` curves use.
+            Each scoring is one forward pass over them; unscored epochs hold NaN in the history's
+            ``validation_*``. With ``early_stopping=True`` the patience counts validations.
+            scvi-tools' name; there None skips validation unless early stopping is on.
         kl_warmup_epochs
             Epochs over which the KL weight rises to ``max_kl_weight``; default ``min(20, max_epochs // 3)``.
         max_kl_weight
@@ -254,6 +261,12 @@ class BaseModel(Model):
             raise ValueError(
                 f"max_kl_weight must be a finite number > 0 (got {max_kl_weight!r}); 1 trains on the ELBO."
             )
+        check_val_every_n_epoch = 1 if check_val_every_n_epoch is None else int(check_val_every_n_epoch)
+        if check_val_every_n_epoch < 1:
+            raise ValueError(
+                f"check_val_every_n_epoch must be >= 1 (got {check_val_every_n_epoch}); pass max_epochs to score "
+                "the held-out cells after the last epoch only."
+            )
         if self.query_freezing is not None:  # 0, or refused: L2 decay would move the frozen entries
             weight_decay = self.query_freezing.weight_decay(weight_decay)
         elif weight_decay is None:
@@ -291,6 +304,7 @@ class BaseModel(Model):
             patience=patience,
             monitor=monitor,
             restore_best=restore_best,
+            check_val_every_n_epoch=check_val_every_n_epoch,
         )
         self._fit(
             data,

@@ -299,6 +299,46 @@ def test_max_kl_weight_must_be_positive_and_finite(weight):
     assert adata.obs.equals(before.obs)
 
 
+def test_check_val_every_n_epoch_scores_the_held_out_cells_on_those_epochs_and_the_last():
+    adata = _small(n_cells=100, n_genes=20)
+    VAE.setup_anndata(adata)
+    model = VAE(adata, n_hidden=16, seed=0)
+    model.train(max_epochs=7, check_val_every_n_epoch=3, **TRAIN)
+    history = model.history
+    assert all(len(values) == 7 for values in history.values())
+    scored = np.isfinite(history["validation_elbo"])
+    np.testing.assert_array_equal(np.flatnonzero(scored) + 1, [3, 6, 7])
+    assert np.isfinite(history["train_elbo"]).all()
+    # the last epoch's held-out ELBO is the trained model's, as get_elbo computes it
+    held_out = model.get_elbo(indices=model.validation_indices)
+    np.testing.assert_allclose(history["validation_elbo"][-1], held_out, rtol=0.05)
+
+
+def test_early_stopping_counts_validations_when_they_are_spaced():
+    adata = _small(n_cells=100, n_genes=20)
+    VAE.setup_anndata(adata)
+    model = VAE(adata, n_hidden=16, seed=0)
+    # a learning rate too small to learn: the held-out ELBO only jitters, so patience 1 runs out soon
+    model.train(max_epochs=40, lr=1e-12, check_val_every_n_epoch=4, patience=1, early_stopping=True, **TRAIN)
+    epochs_run = model.history["epoch"][-1]
+    assert 8 <= epochs_run < 40  # a best first, then no improvement: stopped early
+    # it stopped on a scored epoch, and the unscored ones never counted
+    assert epochs_run % 4 == 0
+    np.testing.assert_array_equal(
+        np.flatnonzero(np.isfinite(model.history["validation_elbo"])) + 1, np.arange(4, epochs_run + 1, 4)
+    )
+
+
+@pytest.mark.parametrize("every", [0, -2])
+def test_check_val_every_n_epoch_must_be_positive(every):
+    adata = _small(n_cells=50, n_genes=10)
+    VAE.setup_anndata(adata)
+    model = VAE(adata, n_hidden=8)
+    with pytest.raises(ValueError, match="check_val_every_n_epoch must be >= 1"):
+        model.train(max_epochs=1, check_val_every_n_epoch=every, **TRAIN)
+    assert model.train_indices.size == 0 and not model.history and not model.is_trained
+
+
 def test_train_again_appends_history():
     adata = _small(n_cells=100, n_genes=20)
     VAE.setup_anndata(adata)
