@@ -227,17 +227,16 @@ class Minibatches:
 
 
 class EarlyStopping:
-    """Stop when the monitored quantity has not improved for ``patience`` epochs; keep the best state."""
+    """Stop when the monitored quantity has not improved for ``patience`` epochs; keep the best state.
 
-    def __init__(self, plan: TrainingPlan, monitor: str, loop: LoopState) -> None:
-        self.plan, self.monitor, self.loop = plan, monitor, loop
+    With held-out cells only the epochs that score them (:meth:`TrainingPlan.validates`) count."""
 
-    def update(self, record: dict[str, float], module: Module, held_out: bool = False) -> bool:
-        """Take one epoch's record; True when training should stop. With ``held_out`` cells, an
-        epoch that did not score them (``check_val_every_n_epoch``) does not count."""
-        if not self.plan.early_stopping:
-            return False
-        if held_out and not any(key.startswith("validation_") for key in record):
+    def __init__(self, plan: TrainingPlan, monitor: str, loop: LoopState, held_out: bool = False) -> None:
+        self.plan, self.monitor, self.loop, self.held_out = plan, monitor, loop, held_out
+
+    def update(self, record: dict[str, float], module: Module, epoch: int) -> bool:
+        """Take the record of ``epoch`` (0-based); True when training should stop."""
+        if not self.plan.early_stopping or (self.held_out and not self.plan.validates(epoch)):
             return False
         loop, value = self.loop, monitored(record, self.monitor)
         if value < loop.best - self.plan.min_delta:
@@ -326,13 +325,13 @@ def fit(
             initial=loop.epoch,
             total=plan.max_epochs,
         )
-        stopping = EarlyStopping(plan, plan.monitor or module.default_monitor, loop)
+        stopping = EarlyStopping(plan, plan.monitor or module.default_monitor, loop, len(validation_cells) > 0)
         module.train()
         for epoch in progress:
             scored = validation_cells if plan.validates(epoch) else validation_cells[:0]
             record = _epoch(module, data, step, minibatches, scored, plan, epoch, loop, distributed)
             progress.set_postfix(_postfix(record, _groups(module), stopping.monitor))
-            loop.epoch, loop.stopped = epoch + 1, stopping.update(record, module, len(validation_cells) > 0)
+            loop.epoch, loop.stopped = epoch + 1, stopping.update(record, module, epoch)
             if checkpoint is not None:
                 checkpoint.save(module, optimizers, generator, loop, distributed, minibatches.noise_generator)
             if loop.stopped:

@@ -469,7 +469,7 @@ class VAEModule(Module):
         if log_theta is not None:
             coefficients = nb_log_coefficients(log_theta, batch.nz_row, batch.nz_col, batch.nz_val, batch.size)
         # the nonzeros repeated for a full chunk of samples, once: every chunk reads a prefix of them
-        folded = self._folded_nonzeros(batch, chunk, coefficients)
+        folded = self._folded_nonzeros(batch, min(chunk, n_samples), coefficients)
         weights = []
         for start in range(0, n_samples, chunk):
             k = min(chunk, n_samples - start)

@@ -334,9 +334,13 @@ def test_check_val_every_n_epoch_must_be_positive(every):
     adata = _small(n_cells=50, n_genes=10)
     VAE.setup_anndata(adata)
     model = VAE(adata, n_hidden=8)
+    before = adata.copy()
     with pytest.raises(ValueError, match="check_val_every_n_epoch must be >= 1"):
         model.train(max_epochs=1, check_val_every_n_epoch=every, **TRAIN)
+    # refused before anything ran: no split, no history, the AnnData as it was
     assert model.train_indices.size == 0 and not model.history and not model.is_trained
+    np.testing.assert_array_equal(adata.X.toarray(), before.X.toarray())
+    assert adata.obs.equals(before.obs)
 
 
 def test_train_again_appends_history():
