@@ -8,6 +8,7 @@ its own small model.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 
@@ -285,14 +286,20 @@ def test_max_kl_weight_scales_the_warm_up_and_pulls_posteriors_to_the_prior():
     np.testing.assert_allclose(elbo, -parts, rtol=1e-6)
 
 
-@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
-def test_max_kl_weight_must_be_positive_and_finite(weight):
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        *[("max_kl_weight", w, "max_kl_weight must be a finite number > 0") for w in (0.0, -1.0, math.nan, math.inf)],
+        *[("check_val_every_n_epoch", n, "check_val_every_n_epoch must be >= 1") for n in (0, -2)],
+    ],
+)
+def test_bad_training_options_are_refused_before_anything_runs(option, value, message):
     adata = _small(n_cells=50, n_genes=10)
     VAE.setup_anndata(adata)
     before = adata.copy()
     model = VAE(adata, n_hidden=8)
-    with pytest.raises(ValueError, match="max_kl_weight must be a finite number > 0"):
-        model.train(max_epochs=1, max_kl_weight=weight, **TRAIN)
+    with pytest.raises(ValueError, match=message):
+        model.train(max_epochs=1, **{option: value}, **TRAIN)
     # refused before anything ran: no split, no history, the AnnData as it was
     assert model.train_indices.size == 0 and not model.history and not model.is_trained
     np.testing.assert_array_equal(adata.X.toarray(), before.X.toarray())
@@ -327,20 +334,6 @@ def test_early_stopping_counts_validations_when_they_are_spaced():
     np.testing.assert_array_equal(
         np.flatnonzero(np.isfinite(model.history["validation_elbo"])) + 1, np.arange(4, epochs_run + 1, 4)
     )
-
-
-@pytest.mark.parametrize("every", [0, -2])
-def test_check_val_every_n_epoch_must_be_positive(every):
-    adata = _small(n_cells=50, n_genes=10)
-    VAE.setup_anndata(adata)
-    model = VAE(adata, n_hidden=8)
-    before = adata.copy()
-    with pytest.raises(ValueError, match="check_val_every_n_epoch must be >= 1"):
-        model.train(max_epochs=1, check_val_every_n_epoch=every, **TRAIN)
-    # refused before anything ran: no split, no history, the AnnData as it was
-    assert model.train_indices.size == 0 and not model.history and not model.is_trained
-    np.testing.assert_array_equal(adata.X.toarray(), before.X.toarray())
-    assert adata.obs.equals(before.obs)
 
 
 def test_train_again_appends_history():
