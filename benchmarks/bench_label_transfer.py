@@ -1542,6 +1542,9 @@ def main(argv=None) -> int:
         "validation": "scvi-tools: none (no early stopping); sclatent: after each stage's last epoch "
         "(check_val_every_n_epoch=epochs), its temperature fitted on the labelled held-out cells",
         "query_weight_decay": 0.0,
+        "query_classifier": "each library's default load_query_data: sclatent's classifier frozen but for its "
+        "hidden-layer biases (adapt_classifier=True), temperature kept; scvi-tools' frozen but for its "
+        "BatchNorm's shift and scale (benchmarks/probe_scvi_query_classifier.py)",
         "optimizer": "Adam lr 1e-3, eps 0.01, weight decay 1e-6 (query: 0): both libraries' defaults",
         "seeds": args.seeds,
         "fractions": args.fractions,

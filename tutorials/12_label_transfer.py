@@ -138,7 +138,8 @@ def main() -> None:
         f"{ece_raw:.3f} raw and {ece_calibrated:.3f} after temperature scaling."
     )
 
-    # 4. Map the query: the reference's genes in its order, new batch rows, everything else frozen
+    # 4. Map the query: the reference's genes in its order, new batch rows, the classifier's shifts
+    # adapted, everything else frozen
     start = time.perf_counter()
     prepared = sclatent.model.SemiSupervisedVAE.prepare_query_anndata(query, model)
     prepared.obs["dataset"] = "pbmc68k"
@@ -151,9 +152,12 @@ def main() -> None:
     prepared.obs["probability"] = proba.max(axis=1).to_numpy()
     prepared.obsm["X_sclatent_ssvae"] = query_model.get_latent_representation()
     same = np.array_equal(query_model.get_latent_representation(reference), reference.obsm["X_sclatent_ssvae"])
+    n_shifts = sum(p.numel() for p in query_model.module.classifier_shifts())
     text["mapping"] = (
         f"Mapping trained only the new batch's rows ({', '.join(query_model.query_freezing.partly_trained.values())} "
-        f"entries of the two embedding tables) for {len(query_model.history['train_loss'])} epochs (at most 200) in "
+        f"entries of the two embedding tables) and the classifier's {n_shifts} "
+        f"hidden-layer shifts (adapted to the query; the reference's temperature kept) for "
+        f"{len(query_model.history['train_loss'])} epochs (at most 200) in "
         f"{mapping_seconds:.1f} s; the reference cells keep "
         f"their latent positions under the query model: {same}."
     )
@@ -207,7 +211,7 @@ VAE's latent `z1` is generated from a cell type `y` and a second latent `z2`, a 
 learns from the labelled cells and is marginalised over for the unlabelled ones. The usual path is a
 `VAE` first, then a short semi-supervised training from its weights. A new dataset (a query) is then
 mapped onto the trained reference scArches-style: its batch gets new rows in the covariate
-embeddings, and only those train.
+embeddings, and only those train, with the classifier's hidden-layer shifts (adapted to the query).
 
 Everything below was produced by `python tutorials/12_label_transfer.py` (CPU, 2 threads).
 

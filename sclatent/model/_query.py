@@ -240,7 +240,9 @@ class QueryFreezing:
         training too (``BatchNorm1d.hold``), which therefore do not move: those
         whose affine parameters are frozen.
     freeze_classifier
-        Whether the classifier (semi-supervised models) is frozen: its temperature is then kept too.
+        Whether the classifier (semi-supervised models) is frozen: its temperature is then kept too
+        (also when its hidden-layer shifts adapt to the query: ``adapt_classifier``, listed in
+        ``trainable``).
     """
 
     masks: dict[str, torch.Tensor]
@@ -285,6 +287,7 @@ def freeze_for_query(
     freeze_batchnorm_encoder: bool = True,
     freeze_batchnorm_decoder: bool = True,
     freeze_classifier: bool = True,
+    adapt_classifier: bool = True,
 ) -> QueryFreezing:
     """Freeze ``module`` (a grown :data:`QUERY_MODULES` module) for query training, in place.
 
@@ -292,7 +295,8 @@ def freeze_for_query(
     whole parts, as scvi-tools' ``load_query_data``: the encoders' first layer (the expression
     weights, ``freeze_expression=False``), the decoder's first layer, the encoders' or the
     decoder's BatchNorm (affine parameters and running statistics), the classifier. Dropout is
-    switched off in training with ``freeze_dropout``.
+    switched off in training with ``freeze_dropout``. With ``adapt_classifier``, a frozen
+    classifier's hidden-layer biases (``SemiSupervisedVAEModule.classifier_shifts``) train.
     """
     vae = module.vae if isinstance(module, SemiSupervisedVAEModule) else module
     encoders: list[MLP] = [vae.z_encoder.body] + ([] if vae.use_observed_library else [vae.l_encoder.body])
@@ -317,6 +321,8 @@ def freeze_for_query(
     if isinstance(module, SemiSupervisedVAEModule) and not freeze_classifier:
         trained.append(module.classifier)
     trained_ids = {id(p) for part in trained for p in part.parameters()}
+    if isinstance(module, SemiSupervisedVAEModule) and freeze_classifier and adapt_classifier:
+        trained_ids |= {id(p) for p in module.classifier_shifts()}
     unknown = sorted(set(masks) - {name for name, _ in module.named_parameters()})
     if unknown:
         raise ValueError(f"masks name parameters {unknown} that {type(module).__name__} does not have.")

@@ -175,6 +175,15 @@ class SemiSupervisedVAEModule(Module):
         masks = self.vae.add_batch_categories(n_new, library_log_means, library_log_vars)
         return {f"vae.{name}": mask for name, mask in masks.items()}
 
+    def classifier_shifts(self) -> list[nn.Parameter]:
+        """The classifier's hidden-layer biases: a per-unit shift of its hidden activations (the
+        counterpart, in this BatchNorm-free classifier, of a BatchNorm's shift). Query mapping
+        trains them on the query's unlabelled objective while the rest of the classifier stays
+        frozen (``load_query_data(adapt_classifier=True)``); empty for a linear classifier."""
+        if len(self.classifier) == 1:  # linear: its only bias sets the class log-odds, not a shift
+            return []
+        return [layer.linear.bias for layer in self.classifier[0].layers]
+
     # -------------------------------------------------------------------- pieces
 
     def class_logits(self, z1: torch.Tensor) -> torch.Tensor:

@@ -374,26 +374,63 @@ def ss_reference():
     return ref, query, model
 
 
+SHIFTS = "classifier.0.layers.0.linear.bias"  # the classifier's hidden-layer shifts
+
+
 def test_semi_supervised_query_without_labels_predicts(ss_reference):
+    """The default mapping: the classifier frozen but for its hidden-layer shifts, which adapt to
+    the query (and so move the query model's predictions, not its latents); the reference's
+    temperature is kept and the reference model is untouched."""
     ref, query, model = ss_reference
     state, latents, proba = _state(model), model.get_latent_representation(), model.predict(ref, soft=True)
     assert "label" not in query.obs
     query_model = SemiSupervisedVAE.load_query_data(query, model)
-    assert query_model.query_freezing.freeze_classifier
-    assert not any(p.requires_grad for p in query_model.module.classifier.parameters())
-    assert set(query_model.query_freezing.masks) == {
+    freezing = query_model.query_freezing
+    assert freezing.freeze_classifier and freezing.trainable == (SHIFTS,)
+    trains = {name for name, p in query_model.module.classifier.named_parameters() if p.requires_grad}
+    assert trains == {"0.layers.0.linear.bias"}
+    assert set(freezing.masks) == {
         "vae.z_encoder.body.layers.0.embeddings.0.weight",
         "vae.decoder.body.layers.0.embeddings.0.weight",
     }
+    before = {name: p.detach().clone() for name, p in query_model.module.classifier.named_parameters()}
     query_model.train(max_epochs=2, **TRAIN)  # no labelled cells: no calibration warning, temperature kept
     assert query_model.temperature == model.temperature
+    after = dict(query_model.module.classifier.named_parameters())
+    moved = {name for name, value in before.items() if not torch.equal(value, after[name])}
+    assert moved == {"0.layers.0.linear.bias"}
     predicted = query_model.predict()
     assert predicted.shape == (query.n_obs,) and set(predicted) <= set(model.classes)
     soft = query_model.predict(soft=True)
     assert list(soft.columns) == model.classes and np.allclose(soft.sum(1), 1.0)
     assert np.array_equal(query_model.get_latent_representation(ref), latents)
+    assert not np.array_equal(query_model.predict(ref, soft=True).to_numpy(), proba.to_numpy())
+    _assert_same_state(state, model)
+
+
+def test_semi_supervised_query_with_the_whole_classifier_frozen(ss_reference):
+    """``adapt_classifier=False``: no classifier parameter trains, so the query model predicts the
+    reference cells exactly as the reference model does."""
+    ref, query, model = ss_reference
+    state, proba = _state(model), model.predict(ref, soft=True)
+    query_model = SemiSupervisedVAE.load_query_data(query, model, adapt_classifier=False)
+    assert query_model.query_freezing.trainable == ()
+    assert not any(p.requires_grad for p in query_model.module.classifier.parameters())
+    query_model.train(max_epochs=2, **TRAIN)
+    assert query_model.temperature == model.temperature
     np.testing.assert_array_equal(query_model.predict(ref, soft=True).to_numpy(), proba.to_numpy())
     _assert_same_state(state, model)
+
+
+def test_a_linear_classifier_has_no_shifts_to_adapt():
+    ref, query = _split(seed=4)
+    ref.obs["label"] = ref.obs["cell_type"].astype(str)
+    SemiSupervisedVAE.setup_anndata(ref, labels_key="label", unlabeled_category=None, batch_key="batch")
+    model = SemiSupervisedVAE(ref, seed=0, classifier_n_layers=0, **SMALL)
+    assert model.module.classifier_shifts() == []
+    query_model = SemiSupervisedVAE.load_query_data(query, model)
+    assert query_model.query_freezing.trainable == ()
+    assert not any(p.requires_grad for p in query_model.module.classifier.parameters())
 
 
 def test_semi_supervised_query_labels_unknown_or_refused(ss_reference):
