@@ -495,7 +495,7 @@ class BaseModel(Model):
             the counterpart of the classifier BatchNorm shift and scale that scvi-tools' query
             mapping trains. The reference's temperature is kept. Measured on the pbmc3k ->
             embedded-PBMC transfer (``benchmarks/probe_query_classifier.py``, 3 seeds): accuracy
-            0.596 -> 0.619, macro-F1 0.632 -> 0.650, ECE 0.256 -> 0.252. ``False`` keeps every
+            0.596 -> 0.619, macro-F1 0.632 -> 0.650, ECE 0.255 -> 0.252. ``False`` keeps every
             classifier parameter as the reference's.
         accelerator
             Device of the query model (``train`` moves it to its own).
