@@ -287,6 +287,32 @@ def prepare_transfer(task: str, workdir: Path, data_dir: str) -> dict:
     }
 
 
+def pbmc_transfer_data(data_dir: str = DEFAULT_DATA_DIR) -> tuple[dict, object, object]:
+    """``(prep, reference, query)`` of the pbmc transfer task (:func:`prepare_transfer`'s scoring
+    information and the two AnnData objects, read into memory), for the probes that rerun a pipeline."""
+    import anndata as ad
+
+    with tempfile.TemporaryDirectory() as work:
+        prep = prepare_transfer("pbmc", Path(work), data_dir)
+        return prep, ad.read_h5ad(prep["ref_path"]), ad.read_h5ad(prep["query_path"])
+
+
+def score_mapped_query(prep: dict, pipe, model, prepared, reference_latent=None) -> dict:
+    """:func:`score` of a mapped query model's soft predictions on the task's scored cells, plus
+    :func:`mixing_scores` of the query's latents against ``reference_latent`` when given."""
+    proba, classes = pipe.proba(model, prepared)
+    scored = prep["scored"]
+    scores = score(proba[scored], classes, prep["query_coarse"][scored], prep["target_classes"], prep["class_map"])
+    if reference_latent is not None:
+        query_latent = pipe.latent(model, prepared)
+        scores.update(
+            mixing_scores(
+                reference_latent, query_latent, prep["ref_coarse"], prep["query_coarse"], prep["target_classes"]
+            )
+        )
+    return scores
+
+
 def _counts(values) -> dict[str, int]:
     names, counts = np.unique(np.asarray(values, dtype=str), return_counts=True)
     return {str(n): int(c) for n, c in zip(names, counts)}

@@ -13,11 +13,9 @@ label ASW. Run from the repository root (about 2 minutes per seed on 2 cores)::
 from __future__ import annotations
 
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,10 +49,7 @@ def main() -> None:
     seeds = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0, 1, 2]
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as work:
-        prep = bench.prepare_transfer("pbmc", Path(work), bench.DEFAULT_DATA_DIR)
-        reference, query = ad.read_h5ad(prep["ref_path"]), ad.read_h5ad(prep["query_path"])
-    scored = prep["scored"]
+    prep, reference, query = bench.pbmc_transfer_data()
     for seed in seeds:
         cfg = {"seed": seed, "accelerator": "cpu", "epochs": dict(bench.DEFAULT_EPOCHS)}
         pipe = QueryBatchStatsPipeline(cfg)
@@ -65,21 +60,11 @@ def main() -> None:
             pipe = QueryBatchStatsPipeline(cfg)
             pipe.batch_stats = batch_stats
             model, prepared = pipe.map_query(semi, pipe.query_anndata(query, semi, "label"))
-            proba, classes = pipe.proba(model, prepared)
-            s = bench.score(
-                proba[scored], classes, prep["query_coarse"][scored], prep["target_classes"], prep["class_map"]
-            )
-            mixing = bench.mixing_scores(
-                reference_latent,
-                pipe.latent(model, prepared),
-                prep["ref_coarse"],
-                prep["query_coarse"],
-                prep["target_classes"],
-            )
+            s = bench.score_mapped_query(prep, pipe, model, prepared, reference_latent)
             name = "minibatch statistics (scvi-tools)" if batch_stats else "held statistics (sclatent)"
             print(
                 f"seed {seed}  {name:34s} accuracy {s['accuracy']:.3f}  macro-F1 {s['macro_f1']:.3f}  "
-                f"ECE {s['ece']:.3f}  batch entropy {mixing['batch_entropy']:.3f}  label ASW {mixing['label_asw']:.3f}",
+                f"ECE {s['ece']:.3f}  batch entropy {s['batch_entropy']:.3f}  label ASW {s['label_asw']:.3f}",
                 flush=True,
             )
 

@@ -23,11 +23,9 @@ and query (kNN batch entropy) with label ASW, then the means. Run from the repos
 from __future__ import annotations
 
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import torch
 
@@ -59,10 +57,7 @@ def main() -> None:
     seeds = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0, 1, 2]
     warnings.simplefilter("ignore")
     torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as work:
-        prep = bench.prepare_transfer("pbmc", Path(work), bench.DEFAULT_DATA_DIR)
-        reference, query = ad.read_h5ad(prep["ref_path"]), ad.read_h5ad(prep["query_path"])
-    scored = prep["scored"]
+    prep, reference, query = bench.pbmc_transfer_data()
     rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for seed in seeds:
         cfg = {"seed": seed, "accelerator": "cpu", "epochs": dict(bench.DEFAULT_EPOCHS)}
@@ -74,19 +69,7 @@ def main() -> None:
             pipe = ClassifierOptionsPipeline(cfg)
             pipe.options = options
             model, prepared = pipe.map_query(semi, pipe.query_anndata(query, semi, "label"))
-            proba, classes = pipe.proba(model, prepared)
-            s = bench.score(
-                proba[scored], classes, prep["query_coarse"][scored], prep["target_classes"], prep["class_map"]
-            )
-            s.update(
-                bench.mixing_scores(
-                    reference_latent,
-                    pipe.latent(model, prepared),
-                    prep["ref_coarse"],
-                    prep["query_coarse"],
-                    prep["target_classes"],
-                )
-            )
+            s = bench.score_mapped_query(prep, pipe, model, prepared, reference_latent)
             rows[name].append(s)
             print(
                 f"seed {seed}  {name:18s} accuracy {s['accuracy']:.3f}  macro-F1 {s['macro_f1']:.3f}  "

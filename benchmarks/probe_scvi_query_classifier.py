@@ -21,11 +21,9 @@ mapping. Run from the repository root (about 2.5 minutes per seed on 2 cores)::
 from __future__ import annotations
 
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,10 +64,7 @@ class HeldClassifierPipeline(bench.ScviPipeline):
 def main() -> None:
     seeds = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0, 1, 2]
     warnings.simplefilter("ignore")
-    with tempfile.TemporaryDirectory() as work:
-        prep = bench.prepare_transfer("pbmc", Path(work), bench.DEFAULT_DATA_DIR)
-        reference, query = ad.read_h5ad(prep["ref_path"]), ad.read_h5ad(prep["query_path"])
-    scored = prep["scored"]
+    prep, reference, query = bench.pbmc_transfer_data()
     for seed in seeds:
         cfg = {"seed": seed, "accelerator": "cpu", "threads": 2, "epochs": dict(bench.DEFAULT_EPOCHS)}
         pipe = HeldClassifierPipeline(cfg)
@@ -79,10 +74,7 @@ def main() -> None:
             pipe = HeldClassifierPipeline(cfg)
             pipe.hold_classifier = hold
             model, prepared = pipe.map_query(semi, pipe.query_anndata(query, semi, "label"))
-            proba, classes = pipe.proba(model, prepared)
-            s = bench.score(
-                proba[scored], classes, prep["query_coarse"][scored], prep["target_classes"], prep["class_map"]
-            )
+            s = bench.score_mapped_query(prep, pipe, model, prepared)
             moved = {name: round(value, 4) for name, value in pipe.moved.items() if value > 0}
             name = "classifier held" if hold else "scvi-tools default"
             print(
