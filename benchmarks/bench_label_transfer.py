@@ -473,10 +473,14 @@ class SclatentPipeline:
             q.obs[labels_key] = np.nan  # missing label: unlabelled under any unlabeled_category
         return q
 
-    def map_query(self, reference_model, query):
+    def load_query(self, reference_model, query):
+        """The untrained query model and the aligned query (probes override this to map otherwise)."""
         cls = type(reference_model)
         prepared = cls.prepare_query_anndata(query, reference_model)
-        model = cls.load_query_data(prepared, reference_model)
+        return cls.load_query_data(prepared, reference_model), prepared
+
+    def map_query(self, reference_model, query):
+        model, prepared = self.load_query(reference_model, query)
         epochs = self.cfg["epochs"]["query"]
         model.train(max_epochs=epochs, kl_warmup_epochs=0, weight_decay=0.0, **self._train_kwargs(epochs))
         return model, prepared

@@ -31,17 +31,13 @@ class QueryBatchStatsPipeline(bench.SclatentPipeline):
 
     batch_stats = False
 
-    def map_query(self, reference_model, query):
-        cls = type(reference_model)
-        prepared = cls.prepare_query_anndata(query, reference_model)
-        model = cls.load_query_data(prepared, reference_model)
+    def load_query(self, reference_model, query):
+        model, prepared = super().load_query(reference_model, query)
         if self.batch_stats:
             for module in model.module.modules():
                 if isinstance(module, BatchNorm1d) and module.held:
                     module.hold(False)
                     module.momentum = 0.0
-        epochs = self.cfg["epochs"]["query"]
-        model.train(max_epochs=epochs, kl_warmup_epochs=0, weight_decay=0.0, **self._train_kwargs(epochs))
         return model, prepared
 
 

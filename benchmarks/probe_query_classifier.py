@@ -44,13 +44,10 @@ class ClassifierOptionsPipeline(bench.SclatentPipeline):
 
     options: dict | None = None
 
-    def map_query(self, reference_model, query):
+    def load_query(self, reference_model, query):
         cls = type(reference_model)
         prepared = cls.prepare_query_anndata(query, reference_model)
-        model = cls.load_query_data(prepared, reference_model, **(self.options or {}))
-        epochs = self.cfg["epochs"]["query"]
-        model.train(max_epochs=epochs, kl_warmup_epochs=0, weight_decay=0.0, **self._train_kwargs(epochs))
-        return model, prepared
+        return cls.load_query_data(prepared, reference_model, **(self.options or {})), prepared
 
 
 def main() -> None:
