@@ -297,6 +297,13 @@ def pbmc_transfer_data(data_dir: str = DEFAULT_DATA_DIR) -> tuple[dict, object, 
         return prep, ad.read_h5ad(prep["ref_path"]), ad.read_h5ad(prep["query_path"])
 
 
+def train_reference(pipe, reference):
+    """The pipeline's semi-supervised reference model on ``reference`` (its VAE, then the
+    semi-supervised stage, each on its own copy of the AnnData), for the probes that remap a query."""
+    vae = pipe.pretrain(reference.copy(), "batch")
+    return pipe.semi_supervised(vae, "label", reference.copy())
+
+
 def score_mapped_query(prep: dict, pipe, model, prepared, reference_latent=None) -> dict:
     """:func:`score` of a mapped query model's soft predictions on the task's scored cells, plus
     :func:`mixing_scores` of the query's latents against ``reference_latent`` when given."""

@@ -49,8 +49,7 @@ def main() -> None:
     for seed in seeds:
         cfg = {"seed": seed, "accelerator": "cpu", "epochs": dict(bench.DEFAULT_EPOCHS)}
         pipe = QueryBatchStatsPipeline(cfg)
-        vae = pipe.pretrain(reference.copy(), "batch")
-        semi = pipe.semi_supervised(vae, "label", reference.copy())
+        semi = bench.train_reference(pipe, reference)
         reference_latent = pipe.latent(semi)
         for batch_stats in (False, True):
             pipe = QueryBatchStatsPipeline(cfg)

@@ -59,8 +59,7 @@ def main() -> None:
     for seed in seeds:
         cfg = {"seed": seed, "accelerator": "cpu", "epochs": dict(bench.DEFAULT_EPOCHS)}
         pipe = ClassifierOptionsPipeline(cfg)
-        vae = pipe.pretrain(reference.copy(), "batch")
-        semi = pipe.semi_supervised(vae, "label", reference.copy())
+        semi = bench.train_reference(pipe, reference)
         reference_latent = pipe.latent(semi)
         for name, options in VARIANTS.items():
             pipe = ClassifierOptionsPipeline(cfg)

@@ -68,8 +68,7 @@ def main() -> None:
     for seed in seeds:
         cfg = {"seed": seed, "accelerator": "cpu", "threads": 2, "epochs": dict(bench.DEFAULT_EPOCHS)}
         pipe = HeldClassifierPipeline(cfg)
-        vae = pipe.pretrain(reference.copy(), "batch")
-        semi = pipe.semi_supervised(vae, "label", reference.copy())
+        semi = bench.train_reference(pipe, reference)
         for hold in (False, True):
             pipe = HeldClassifierPipeline(cfg)
             pipe.hold_classifier = hold
