@@ -524,7 +524,7 @@ def _sparse_input(B: int = 9, n_in: int = 30, seed: int = 0):
 @pytest.mark.needs_native
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("n_out", [19, 5])
+@pytest.mark.parametrize("n_out", [19, 5, 64, 137])  # 64 and 137: the kernel's 64-column register blocks (and a tail)
 def test_sparse_linear_matches_dense(n_out, bias, threads):
     dense, rows = _sparse_input()
     assert torch.equal(rows.to_dense(), dense)
