@@ -441,6 +441,17 @@ def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
     return loss, reconstruction, kl, saved
 
 
+def _gradient_buffer(parameter: torch.Tensor, into_grad: bool) -> torch.Tensor | None:
+    """Where a large weight's gradient is written: None if frozen; its ``.grad`` when asked and
+    that is a plain contiguous tensor of its shape (the optimiser's flat-buffer view); else new."""
+    if not parameter.requires_grad:
+        return None
+    grad = parameter.grad
+    if into_grad and grad is not None and grad.shape == parameter.shape and grad.is_contiguous():
+        return grad
+    return torch.empty_like(parameter)
+
+
 @torch.no_grad()
 def _backward(
     spec: _Spec,
@@ -450,12 +461,16 @@ def _backward(
     grad_z: torch.Tensor | None = None,
     grad_mean: torch.Tensor | None = None,
     grad_var: torch.Tensor | None = None,
+    into_grads: bool = False,
 ) -> list[torch.Tensor | None]:
     """Gradients, in the order of :meth:`_Spec.parameters`, of ``sum_b weight_rec_b rec_b +
     weight_kl_b kl_b`` (``(B,)`` weights; the mean loss has ``1 / B`` and ``kl_weight / B``), plus
     whatever a caller's own objective sends back into the sample ``z`` and the posterior's ``mean``
     and ``var`` (``(B, L)`` gradients, or None). The output layer's and the first layer's weights
-    get None when they do not require a gradient (frozen, as in a mapped query)."""
+    get None when they do not require a gradient (frozen, as in a mapped query). With ``into_grads``
+    those two large gradients are written straight into the parameters' ``.grad`` tensors (and
+    returned as them), saving a copy of each per step; only for a caller that replaces ``.grad``
+    (:func:`fused_loss_and_gradients`), never for autograd, which adds the result to ``.grad``."""
     kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
     n_cells, width = saved.hidden_enc.shape
     n_latent = saved.z.shape[1]
@@ -467,7 +482,7 @@ def _backward(
     grad_hidden_dec = torch.empty_like(saved.hidden_dec)
     # frozen parameters (a mapped query's reference weights) get no gradient (None): the output
     # layer's weight gradient is half the pass's arithmetic
-    grad_out_weight = torch.empty_like(spec.out_weight) if spec.out_weight.requires_grad else None
+    grad_out_weight = _gradient_buffer(spec.out_weight, into_grads)
     if grad_out_weight is None:
         torch.mm(grad_heads, spec.out_weight, out=grad_hidden_dec)
     # the two (G or 2G, B) x (B, H)-sized products of the output layer, side by side
@@ -513,7 +528,7 @@ def _backward(
     grad_pre_enc, grad_gamma_enc, grad_beta_enc = _normalise_backward(
         kernel, enc, grad_hidden_enc, saved.xhat_enc, saved.gate_enc, saved.rstd_enc
     )
-    grad_enc_weight = torch.empty_like(enc.weight) if enc.weight.requires_grad else None
+    grad_enc_weight = _gradient_buffer(enc.weight, into_grads)
     if grad_enc_weight is not None:
         kernel.sparse_linear_backward_weight(
             n_cells,
@@ -558,8 +573,9 @@ def fused_loss_and_gradients(spec: _Spec, batch: MiniBatch, kl_weight: float) ->
     n_cells = batch.size
     weight_rec = torch.full((n_cells,), 1.0 / n_cells)
     weight_kl = torch.full((n_cells,), float(kl_weight) / n_cells)
-    for parameter, grad in zip(spec.parameters(), _backward(spec, saved, weight_rec, weight_kl), strict=True):
-        if not parameter.requires_grad:
+    grads = _backward(spec, saved, weight_rec, weight_kl, into_grads=True)
+    for parameter, grad in zip(spec.parameters(), grads, strict=True):
+        if not parameter.requires_grad or grad is parameter.grad:
             continue
         if parameter.grad is None:
             parameter.grad = grad

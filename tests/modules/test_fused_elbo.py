@@ -234,10 +234,15 @@ def test_loss_and_gradients_writes_the_autograd_gradients(data, monkeypatch):
     direct, reference = _module(), _module()
     for parameter in direct.parameters():
         parameter.grad = torch.full_like(parameter, 7.0)  # stale values must not survive
+    held = {name: parameter.grad for name, parameter in direct.named_parameters()}
     monkeypatch.setenv("SCLATENT_FUSED", "1")
     torch.manual_seed(123)
     out = direct.loss_and_gradients(batch, kl_weight=0.4)
     assert out.loss.grad_fn is None and out.terms["reconstruction"].grad_fn is None
+    # written into the tensors .grad held (an optimiser's flat-buffer views stay live), the two
+    # large weights' directly, the rest by copy
+    for name, parameter in direct.named_parameters():
+        assert parameter.grad is held[name], name
     expected = _loss(reference, batch, False, monkeypatch)
     expected.loss.backward()
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-4)
