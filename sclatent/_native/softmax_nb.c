@@ -227,7 +227,8 @@ static inline void nb_count_terms_shared(double x, double theta, const double *t
  * gz are rows to fill) also the gradients w.r.t. log mu, log theta (and zi_logits). Inlined with a
  * literal grad, so gcc emits a branch-free, vectorised loop for each case. The flag is not gh !=
  * NULL: a pointer the compiler cannot prove non-NULL turned the gradient stores into masked
- * stores (vmaskmovps), microcoded on AMD Zen; the loop ran 1.5x slower for it on 2 EPYC cores.
+ * stores (vmaskmovps), microcoded on AMD Zen: a training call ran 1.2-1.3x slower for it on a
+ * 2-core EPYC (benchmarks/probe_likelihood_kernel.py --against e599b34).
  */
 static inline __attribute__((always_inline)) float zinb_zero_terms(int64_t G, const float *e, float scale,
                                                                    const float *th_row, const float *zb,

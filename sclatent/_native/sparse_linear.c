@@ -18,8 +18,8 @@ typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
 /*
  * out[0:H] = init[0:H] (zero if NULL) + sum_k weights[k] * matrix[index[k] * H : +H], k < n, summed
  * in k order. Column blocks of 64 keep their sums in eight vector registers over all k, so each term
- * costs one load of the matrix row: accumulating in out (a load and a store per term as well)
- * measured 2.4x slower at the VAE's sizes (H = 128, 650 nonzeros per row).
+ * costs one load of the matrix row: accumulating in out (a load and a store per term as well) made
+ * the forward 1.6-1.7x slower at the VAE's sizes (benchmarks/probe_sparse_linear_kernel.py).
  */
 static inline void weighted_row_sum(int64_t H, int64_t n, const int64_t *index, const float *weights,
                                     const float *matrix, const float *init, float *out) {
@@ -58,8 +58,7 @@ void sparse_linear_forward(int64_t B, int64_t H, const int64_t *row_ptr, const i
  * grad_weight (G, H) = x^T @ grad_out, overwritten. The nonzeros are first bucketed by column (a
  * counting sort, stable in the row), so each row of grad_weight is summed in registers by one thread
  * and written once: no zeroing pass over (G, H), no read-modify-write, no two threads on one row.
- * The bucketing itself runs on all threads, each over its own block of rows (done serially it was
- * ~40 % of this function's time at 650 nonzeros per row on 2 threads).
+ * The bucketing itself runs on all threads, each over its own block of rows (it ran on one).
  */
 void sparse_linear_backward_weight(int64_t B, int64_t G, int64_t H, const int64_t *row_ptr, const int64_t *cols,
                                    const float *values, const float *grad_out, float *grad_weight, int n_threads) {
