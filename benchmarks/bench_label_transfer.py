@@ -70,6 +70,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,44 @@ def score_mapped_query(prep: dict, pipe, model, prepared, reference_latent=None)
             )
         )
     return scores
+
+
+def pbmc_probe_setup(argv: list[str]) -> tuple[list[int], dict, object, object]:
+    """What every pbmc probe starts with: its seeds (``argv[1]``, comma-separated; default 0,1,2),
+    warnings silenced, 2 torch threads, and :func:`pbmc_transfer_data`'s ``(prep, reference, query)``."""
+    import torch
+
+    seeds = [int(s) for s in argv[1].split(",")] if len(argv) > 1 else [0, 1, 2]
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(2)
+    return (seeds, *pbmc_transfer_data())
+
+
+def probe_config(seed: int) -> dict:
+    """A probe pipeline's configuration: the benchmark's epochs on the CPU."""
+    return {"seed": seed, "accelerator": "cpu", "threads": 2, "epochs": dict(DEFAULT_EPOCHS)}
+
+
+def print_probe_scores(seed: int, name: str, scores: dict) -> None:
+    """One line of a pbmc probe: a seed's :func:`score_mapped_query` for one variant."""
+    per_class = {c: round(f, 2) for c, f in scores["per_class_f1"].items()}
+    print(
+        f"seed {seed}  {name:22s} accuracy {scores['accuracy']:.3f}  macro-F1 {scores['macro_f1']:.3f}  "
+        f"ECE {scores['ece']:.3f}  batch entropy {scores['batch_entropy']:.3f}  "
+        f"label ASW {scores['label_asw']:.3f}  per-class F1 {per_class}",
+        flush=True,
+    )
+
+
+def print_probe_means(rows: dict[str, list[dict]], seeds) -> None:
+    """The closing lines of a pbmc probe: each variant's mean scores over ``seeds``."""
+    print(f"means over seeds {list(seeds)}:")
+    for name, scores in rows.items():
+        means = {key: np.mean([s[key] for s in scores]) for key in ("accuracy", "macro_f1", "ece", "batch_entropy")}
+        print(
+            f"  {name:22s} accuracy {means['accuracy']:.3f}  macro-F1 {means['macro_f1']:.3f}  "
+            f"ECE {means['ece']:.3f}  batch entropy {means['batch_entropy']:.3f}"
+        )
 
 
 def _counts(values) -> dict[str, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -28,8 +28,10 @@ import scipy.sparse as sp
 import torch
 
 import sclatent
-from sclatent import _native
 from sclatent.distributions import native_softmax_nb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kernel_probe import builds_against, compile_kernel
 
 SOURCE = "sclatent/_native/softmax_nb.c"
 N_CELLS, N_GENES = 128, 2000
@@ -37,8 +39,7 @@ N_CELLS, N_GENES = 128, 2000
 
 def build(source: Path, target: Path) -> ctypes.CDLL:
     """The likelihood kernel alone, compiled as sclatent compiles its kernels, with its signature declared."""
-    subprocess.run(["cc", *_native._FLAGS_OPENMP, str(source), "-o", str(target), "-lm"], check=True)
-    library = ctypes.CDLL(str(target))
+    library = compile_kernel(source, target)
     function = library.softmax_nb_log_likelihood
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     function.restype = None
@@ -76,16 +77,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as scratch:
-        baseline = Path(scratch) / "baseline.c"
-        baseline.write_text(
-            subprocess.run(
-                ["git", "show", f"{args.against}:{SOURCE}"], check=True, capture_output=True, text=True
-            ).stdout
-        )
-        builds = {
-            args.against: build(baseline, Path(scratch) / "baseline.so"),
-            "this tree": build(Path(SOURCE), Path(scratch) / "current.so"),
-        }
+        builds = builds_against(SOURCE, args.against, Path(scratch), build)
         for name, loader in (("pbmc3k", sclatent.datasets.pbmc3k), ("cellbench_5cl", sclatent.datasets.cellbench_5cl)):
             inputs = minibatch(loader())
             describe = inputs.pop("_describe")

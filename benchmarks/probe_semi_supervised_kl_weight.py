@@ -17,11 +17,7 @@ on 2 cores)::
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
-
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_label_transfer as bench
@@ -43,13 +39,10 @@ class StageWeightPipeline(bench.SclatentPipeline):
 
 
 def main() -> None:
-    seeds = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0, 1, 2]
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(2)
-    prep, reference, query = bench.pbmc_transfer_data()
+    seeds, prep, reference, query = bench.pbmc_probe_setup(sys.argv)
     rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for seed in seeds:
-        cfg = {"seed": seed, "accelerator": "cpu", "epochs": dict(bench.DEFAULT_EPOCHS)}
+        cfg = bench.probe_config(seed)
         vae = StageWeightPipeline(cfg).pretrain(reference.copy(), "batch")
         for name, weight in VARIANTS.items():
             pipe = StageWeightPipeline(cfg)
@@ -58,19 +51,8 @@ def main() -> None:
             model, prepared = pipe.map_query(semi, pipe.query_anndata(query, semi, "label"))
             s = bench.score_mapped_query(prep, pipe, model, prepared, pipe.latent(semi))
             rows[name].append(s)
-            print(
-                f"seed {seed}  {name:22s} accuracy {s['accuracy']:.3f}  macro-F1 {s['macro_f1']:.3f}  "
-                f"ECE {s['ece']:.3f}  batch entropy {s['batch_entropy']:.3f}  label ASW {s['label_asw']:.3f}  "
-                f"per-class F1 { ({c: round(f, 2) for c, f in s['per_class_f1'].items()}) }",
-                flush=True,
-            )
-    print(f"means over seeds {seeds}:")
-    for name, scores in rows.items():
-        means = {key: np.mean([s[key] for s in scores]) for key in ("accuracy", "macro_f1", "ece", "batch_entropy")}
-        print(
-            f"  {name:22s} accuracy {means['accuracy']:.3f}  macro-F1 {means['macro_f1']:.3f}  "
-            f"ECE {means['ece']:.3f}  batch entropy {means['batch_entropy']:.3f}"
-        )
+            bench.print_probe_scores(seed, name, s)
+    bench.print_probe_means(rows, seeds)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,10 +28,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from sclatent import _native, datasets
+from sclatent import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_label_transfer as bench
+from _kernel_probe import builds_against, compile_kernel
 
 SOURCE = "sclatent/_native/sparse_linear.c"
 N_CELLS, N_HIDDEN = 128, 128
@@ -40,8 +40,7 @@ N_CELLS, N_HIDDEN = 128, 128
 
 def build(source: Path, target: Path) -> ctypes.CDLL:
     """The sparse layer alone, compiled as sclatent compiles its kernels, with its signatures declared."""
-    subprocess.run(["cc", *_native._FLAGS_OPENMP, str(source), "-o", str(target), "-lm"], check=True)
-    library = ctypes.CDLL(str(target))
+    library = compile_kernel(source, target)
     size, pointer = ctypes.c_int64, ctypes.c_void_p
     library.sparse_linear_forward.argtypes = [size, size] + [pointer] * 6 + [ctypes.c_int]
     library.sparse_linear_backward_weight.argtypes = [size, size, size] + [pointer] * 5 + [ctypes.c_int]
@@ -121,16 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as scratch:
-        baseline = Path(scratch) / "baseline.c"
-        baseline.write_text(
-            subprocess.run(
-                ["git", "show", f"{args.against}:{SOURCE}"], check=True, capture_output=True, text=True
-            ).stdout
-        )
-        builds = {
-            args.against: build(baseline, Path(scratch) / "baseline.so"),
-            "this tree": build(Path(SOURCE), Path(scratch) / "current.so"),
-        }
+        builds = builds_against(SOURCE, args.against, Path(scratch), build)
         generator = torch.Generator().manual_seed(0)
         for name, x in reference_minibatches().items():
             time_case(name, x, builds, args, generator)
