@@ -321,20 +321,21 @@ def score_mapped_query(prep: dict, pipe, model, prepared, reference_latent=None)
     return scores
 
 
-def pbmc_probe_setup(argv: list[str]) -> tuple[list[int], dict, object, object]:
+def pbmc_probe_setup(argv: list[str], threads: int = 2) -> tuple[list[int], dict, object, object]:
     """What every pbmc probe starts with: its seeds (``argv[1]``, comma-separated; default 0,1,2),
-    warnings silenced, 2 torch threads, and :func:`pbmc_transfer_data`'s ``(prep, reference, query)``."""
+    warnings silenced, ``threads`` torch threads, and :func:`pbmc_transfer_data`'s ``(prep,
+    reference, query)``."""
     import torch
 
     seeds = [int(s) for s in argv[1].split(",")] if len(argv) > 1 else [0, 1, 2]
     warnings.simplefilter("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     return (seeds, *pbmc_transfer_data())
 
 
-def probe_config(seed: int) -> dict:
-    """A probe pipeline's configuration: the benchmark's epochs on the CPU."""
-    return {"seed": seed, "accelerator": "cpu", "threads": 2, "epochs": dict(DEFAULT_EPOCHS)}
+def probe_config(seed: int, threads: int = 2) -> dict:
+    """A probe pipeline's configuration: the benchmark's epochs on the CPU with ``threads`` threads."""
+    return {"seed": seed, "accelerator": "cpu", "threads": threads, "epochs": dict(DEFAULT_EPOCHS)}
 
 
 def print_probe_scores(seed: int, name: str, scores: dict) -> None:
@@ -519,11 +520,14 @@ class SclatentPipeline:
             q.obs[labels_key] = np.nan  # missing label: unlabelled under any unlabeled_category
         return q
 
+    #: extra ``load_query_data`` options (none in the benchmark; probes set them to map otherwise)
+    query_options: dict | None = None
+
     def load_query(self, reference_model, query):
         """The untrained query model and the aligned query (probes override this to map otherwise)."""
         cls = type(reference_model)
         prepared = cls.prepare_query_anndata(query, reference_model)
-        return cls.load_query_data(prepared, reference_model), prepared
+        return cls.load_query_data(prepared, reference_model, **(self.query_options or {})), prepared
 
     def map_query(self, reference_model, query):
         model, prepared = self.load_query(reference_model, query)

@@ -13,10 +13,7 @@ label ASW. Run from the repository root (about 2 minutes per seed on 2 cores)::
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_label_transfer as bench
@@ -42,12 +39,9 @@ class QueryBatchStatsPipeline(bench.SclatentPipeline):
 
 
 def main() -> None:
-    seeds = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0, 1, 2]
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    prep, reference, query = bench.pbmc_transfer_data()
+    seeds, prep, reference, query = bench.pbmc_probe_setup(sys.argv, threads=1)
     for seed in seeds:
-        cfg = {"seed": seed, "accelerator": "cpu", "epochs": dict(bench.DEFAULT_EPOCHS)}
+        cfg = bench.probe_config(seed, threads=1)
         pipe = QueryBatchStatsPipeline(cfg)
         semi = bench.train_reference(pipe, reference)
         reference_latent = pipe.latent(semi)

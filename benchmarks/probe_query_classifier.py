@@ -35,28 +35,17 @@ VARIANTS = {
 }
 
 
-class ClassifierOptionsPipeline(bench.SclatentPipeline):
-    """The benchmark's sclatent pipeline, its query mapped with ``options`` for ``load_query_data``."""
-
-    options: dict | None = None
-
-    def load_query(self, reference_model, query):
-        cls = type(reference_model)
-        prepared = cls.prepare_query_anndata(query, reference_model)
-        return cls.load_query_data(prepared, reference_model, **(self.options or {})), prepared
-
-
 def main() -> None:
     seeds, prep, reference, query = bench.pbmc_probe_setup(sys.argv)
     rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for seed in seeds:
         cfg = bench.probe_config(seed)
-        pipe = ClassifierOptionsPipeline(cfg)
+        pipe = bench.SclatentPipeline(cfg)
         semi = bench.train_reference(pipe, reference)
         reference_latent = pipe.latent(semi)
         for name, options in VARIANTS.items():
-            pipe = ClassifierOptionsPipeline(cfg)
-            pipe.options = options
+            pipe = bench.SclatentPipeline(cfg)
+            pipe.query_options = options
             model, prepared = pipe.map_query(semi, pipe.query_anndata(query, semi, "label"))
             s = bench.score_mapped_query(prep, pipe, model, prepared, reference_latent)
             rows[name].append(s)

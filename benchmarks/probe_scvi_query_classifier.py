@@ -21,7 +21,6 @@ mapping. Run from the repository root (about 2.5 minutes per seed on 2 cores)::
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -62,11 +61,9 @@ class HeldClassifierPipeline(bench.ScviPipeline):
 
 
 def main() -> None:
-    seeds = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0, 1, 2]
-    warnings.simplefilter("ignore")
-    prep, reference, query = bench.pbmc_transfer_data()
+    seeds, prep, reference, query = bench.pbmc_probe_setup(sys.argv)
     for seed in seeds:
-        cfg = {"seed": seed, "accelerator": "cpu", "threads": 2, "epochs": dict(bench.DEFAULT_EPOCHS)}
+        cfg = bench.probe_config(seed)
         pipe = HeldClassifierPipeline(cfg)
         semi = bench.train_reference(pipe, reference)
         for hold in (False, True):
