@@ -108,6 +108,16 @@ class Module(nn.Module, metaclass=abc.ABCMeta):
         ``.grad`` (replacing what was there, as ``zero_grad()`` then ``backward()`` would)."""
         raise NotImplementedError(f"{type(self).__name__} has no direct-gradient pass.")
 
+    def loss_and_gradients_by_autograd(self, batch, kl_weight: float = 1.0) -> LossOutput:
+        """:meth:`loss_and_gradients` through autograd: for the minibatches a direct pass cannot take
+        (the same result, the graph freed, the returned tensors detached)."""
+        out = self.loss(batch, kl_weight=kl_weight)
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.zero_()
+        out.loss.backward()
+        return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}, out.elbo_terms)
+
     def restrict_gradients(self, masks: dict[str, torch.Tensor]) -> None:
         """Train only some entries of some parameters: ``{parameter name: bool mask of its shape}``,
         True on the entries that train. Every step kind zeroes the other entries' gradients before

@@ -127,6 +127,8 @@ def _declare(library: ctypes.CDLL) -> None:
         "csr_gather_rows": [size] + [pointer] * 10 + [count],
         "bn_relu_forward": [size, size, pointer, pointer, pointer, ctypes.c_float, ctypes.c_float] + [pointer] * 9,
         "bn_relu_backward": [size, size] + [pointer] * 8,
+        "bn_held_relu_forward": [size, size] + [pointer] * 9,
+        "bn_held_relu_backward": [size, size] + [pointer] * 8,
         "gaussian_head_forward": [size, size, pointer, pointer, ctypes.c_float, pointer, pointer, pointer],
         "gaussian_head_backward": [size, size] + [pointer] * 5 + [ctypes.c_float, pointer],
         "gemm_pair": [pointer] * 11,

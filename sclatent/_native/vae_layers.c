@@ -95,6 +95,52 @@ void bn_relu_backward(int64_t B, int64_t H, const float *grad_out, const float *
 }
 
 /*
+ * A held BatchNorm (running statistics: a fixed per-feature affine map, as a frozen layer of a
+ * mapped query) -> ReLU -> dropout: xhat = (a - running_mean) * rstd, out = relu(gamma * xhat +
+ * beta) * mask, with rstd (H,) = 1 / sqrt(running_var + eps) given. Writes out, xhat and gate as
+ * bn_relu_forward does; the statistics do not move.
+ */
+void bn_held_relu_forward(int64_t B, int64_t H, const float *a, const float *gamma, const float *beta,
+                          const float *running_mean, const float *rstd, const float *mask, float *out, float *xhat,
+                          float *gate) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = a + b * H, *m = mask ? mask + b * H : 0;
+        float *o = out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            const float x = (row[j] - running_mean[j]) * rstd[j];
+            const float y = gamma[j] * x + beta[j];
+            const float keep = m ? m[j] : 1.0f;
+            const float g = y > 0.0f ? keep : 0.0f;
+            xh[j] = x;
+            gt[j] = g;
+            o[j] = y * g;
+        }
+    }
+}
+
+/*
+ * Backward of bn_held_relu_forward (the statistics are constants): with dy = grad_out * gate,
+ * d a = gamma rstd dy, d gamma = sum_b dy xhat, d beta = sum_b dy.
+ */
+void bn_held_relu_backward(int64_t B, int64_t H, const float *grad_out, const float *xhat, const float *gate,
+                           const float *gamma, const float *rstd, float *grad_a, float *grad_gamma, float *grad_beta) {
+    memset(grad_gamma, 0, (size_t)H * sizeof(float));
+    memset(grad_beta, 0, (size_t)H * sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        const float *go = grad_out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
+        float *da = grad_a + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            const float dy = go[j] * gt[j];
+            da[j] = gamma[j] * rstd[j] * dy;
+            grad_beta[j] += dy;
+            grad_gamma[j] += dy * xh[j];
+        }
+    }
+}
+
+/*
  * q (B, 2L): mean then log variance per row. var = exp(log var) + var_eps, z = mean + sqrt(var) eps,
  * kl (B,) = KL(N(mean, var) || N(0, I)) = 0.5 sum_l (var + mean^2 - 1 - log var).
  */

@@ -43,7 +43,7 @@ from ..nn.blocks import MLP
 
 
 @dataclass
-class _Layer:
+class HiddenLayer:
     """One hidden layer: ``Linear(x) + embeddings -> BatchNorm -> ReLU -> dropout``."""
 
     weight: torch.Tensor  # (n_in, H) for the sparse encoder layer, (H, n_in) for nn.Linear
@@ -55,10 +55,10 @@ class _Layer:
 
 
 @dataclass
-class _Spec:
+class FusedSpec:
     kernel: object
-    encoder: _Layer
-    decoder: _Layer
+    encoder: HiddenLayer
+    decoder: HiddenLayer
     heads_weight: torch.Tensor  # (2L, H)
     heads_bias: torch.Tensor
     var_eps: float
@@ -89,7 +89,7 @@ class _Spec:
         ]
 
 
-def _layer(mlp: MLP, use_covariates: bool) -> _Layer | None:
+def hidden_layer(mlp: MLP, use_covariates: bool) -> HiddenLayer | None:
     """The one hidden layer of ``mlp`` if it has the shape the fused pass computes, else None
     (read from the MLP's public description, :meth:`sclatent.nn.MLP.describe`)."""
     layers = mlp.describe()
@@ -106,7 +106,7 @@ def _layer(mlp: MLP, use_covariates: bool) -> _Layer | None:
         or (layer.embeddings and not use_covariates)
     ):
         return None
-    return _Layer(
+    return HiddenLayer(
         weight=layer.weight,
         bias=layer.bias,
         embeddings=list(layer.embeddings),
@@ -116,23 +116,38 @@ def _layer(mlp: MLP, use_covariates: bool) -> _Layer | None:
     )
 
 
-# The structural part of a module's spec, computed once per module (weakly held): building it
-# walks the module tree, ~0.1 ms, a few percent of a step.
-_specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class StructureCache:
+    """A structure read from a module's tree (a spec), built once per module and rebuilt when a
+    submodule or parameter anywhere in the tree is replaced (a layer swapped after the first call).
+
+    Checking costs a dictionary lookup per submodule and parameter (~20 us for the semi-supervised
+    VAE); walking ``module.parameters()`` each step cost ~0.3 ms, a few percent of a step.
+    """
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __call__(self, module):
+        cached = self._cache.get(module)
+        if cached is not None and all(owner.get(key) is value for owner, key, value in cached[0]):
+            return cached[1]
+        # (owner dict, key, object) of every edge of the tree: the cache holds the submodules'
+        # dictionaries, never the module itself (it stays collectable)
+        edges = [
+            (owner, key, value)
+            for part in module.modules()
+            for owner in (part._modules, part._parameters)
+            for key, value in owner.items()
+        ]
+        built = self._build(module)
+        self._cache[module] = (edges, built)
+        return built
 
 
 def _enabled() -> bool:
     """``SCLATENT_FUSED=0`` turns the fused pass off (the autograd path then trains every configuration)."""
     return os.environ.get("SCLATENT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _cached_structure(module) -> _Spec | None:
-    # keyed also by the parameters' identities: a layer replaced after the first call rebuilds it
-    identities = tuple(map(id, module.parameters()))
-    cached = _specs.get(module)
-    if cached is None or cached[0] != identities:
-        cached = _specs[module] = (identities, _structure(module))
-    return cached[1]
 
 
 def applies(module) -> bool:
@@ -143,17 +158,17 @@ def applies(module) -> bool:
     return _applicable_spec(module) is not None
 
 
-def _applicable_spec(module) -> _Spec | None:
+def _applicable_spec(module) -> FusedSpec | None:
     if not _enabled():
         return None
-    spec = _cached_structure(module)
+    spec = cached_structure(module)
     if spec is None or spec.out_weight.device.type != "cpu" or spec.out_weight.dtype != torch.float32:
         return None
     # (a module moved to another device or dtype moves every parameter; checking one is enough)
     return spec
 
 
-def fused_spec(module, batch: MiniBatch) -> _Spec | None:
+def fused_spec(module, batch: MiniBatch) -> FusedSpec | None:
     """What the fused pass needs from ``module`` for this minibatch, or None when this call must take
     the autograd path (the pass does not apply, evaluation or no-grad calls, fewer than two cells,
     continuous covariates)."""
@@ -164,7 +179,7 @@ def fused_spec(module, batch: MiniBatch) -> _Spec | None:
     return _applicable_spec(module)
 
 
-def _structure(module) -> _Spec | None:
+def _structure(module) -> FusedSpec | None:
     """:func:`fused_spec` for ``module``, independent of the call (None: not this configuration)."""
     if (
         module.prior_flow is not None
@@ -174,11 +189,11 @@ def _structure(module) -> _Spec | None:
         or module.gene_likelihood not in ("zinb", "nb")
     ):
         return None
-    encoder = _layer(module.z_encoder.body, module.encode_covariates)
-    decoder = _layer(module.decoder.body, True)
+    encoder = hidden_layer(module.z_encoder.body, module.encode_covariates)
+    decoder = hidden_layer(module.decoder.body, True)
     if encoder is None or decoder is None or decoder.dropout:
         return None
-    spec = _Spec(
+    spec = FusedSpec(
         kernel=None,
         encoder=encoder,
         decoder=decoder,
@@ -201,7 +216,12 @@ def _structure(module) -> _Spec | None:
     return spec if spec.kernel is not None else None
 
 
-def fused_loss(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
+#: The call-independent part of a module's spec (None: not the fused configuration), built once
+#: per module; whether the pass is switched on is :func:`applies`' question.
+cached_structure = StructureCache(_structure)
+
+
+def fused_loss(spec: FusedSpec, batch: MiniBatch, kl_weight: float) -> LossOutput:
     """Negative ELBO per cell, as :meth:`VAEModule.loss <sclatent.modules.VAEModule.loss>`, through the fused pass."""
     loss, reconstruction, kl, *_ = _FusedELBO.apply(spec, batch, float(kl_weight), *spec.parameters())
     return LossOutput.variational(loss, reconstruction, kl)
@@ -243,12 +263,12 @@ def _ptr(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.data_ptr()
 
 
-def _add_embeddings(out: torch.Tensor, layer: _Layer, codes: list[torch.Tensor]) -> None:
+def _add_embeddings(out: torch.Tensor, layer: HiddenLayer, codes: list[torch.Tensor]) -> None:
     for weight, index in zip(layer.embeddings, layer.used_covariates, strict=True):
         out.add_(weight.index_select(0, codes[index]))
 
 
-def _normalise(kernel, layer: _Layer, pre: torch.Tensor, mask: torch.Tensor | None):
+def normalise(kernel, layer: HiddenLayer, pre: torch.Tensor, mask: torch.Tensor | None):
     """BatchNorm (training) -> ReLU -> dropout of ``pre`` ``(B, H)``, updating the running statistics
     as ``torch.nn.BatchNorm1d`` does (the running variance takes the unbiased batch variance).
 
@@ -257,7 +277,7 @@ def _normalise(kernel, layer: _Layer, pre: torch.Tensor, mask: torch.Tensor | No
     n_cells, width = pre.shape
     norm = layer.norm
     if not norm.training:
-        return _normalise_held(norm, pre, mask)
+        return _normalise_held(kernel, norm, pre, mask)
     out, xhat, gate = (torch.empty_like(pre) for _ in range(3))
     mean, var, rstd = (torch.empty(width) for _ in range(3))
     kernel.bn_relu_forward(
@@ -282,36 +302,42 @@ def _normalise(kernel, layer: _Layer, pre: torch.Tensor, mask: torch.Tensor | No
     return out, xhat, gate, rstd
 
 
-def _normalise_held(norm, pre: torch.Tensor, mask: torch.Tensor | None):
-    """:func:`_normalise` for a held BatchNorm (:meth:`sclatent.nn.blocks.BatchNorm1d.hold`: a frozen
+def _normalise_held(kernel, norm, pre: torch.Tensor, mask: torch.Tensor | None):
+    """:func:`normalise` for a held BatchNorm (:meth:`sclatent.nn.blocks.BatchNorm1d.hold`: a frozen
     layer of a mapped query), which normalises with its running statistics and leaves them as they
-    are: a fixed per-feature affine map, then ReLU and dropout (few enough operations for torch)."""
+    are: a fixed per-feature affine map, then ReLU and dropout, in one native pass."""
+    n_cells, width = pre.shape
+    pre = pre.contiguous()  # (held by name: the kernel reads its memory)
     rstd = torch.rsqrt(norm.running_var + norm.eps)
-    xhat = (pre - norm.running_mean) * rstd
-    affine = torch.addcmul(norm.bias, xhat, norm.weight)
-    gate = (affine > 0).to(pre.dtype)
-    if mask is not None:
-        gate.mul_(mask)
-    return affine.mul_(gate), xhat, gate, rstd
-
-
-def _normalise_held_backward(norm, grad_out: torch.Tensor, xhat, gate, rstd):
-    """:func:`_normalise_backward` of :func:`_normalise_held` (the statistics are constants)."""
-    grad_affine = grad_out * gate
-    return grad_affine * (norm.weight * rstd), (grad_affine * xhat).sum(0), grad_affine.sum(0)
-
-
-def _normalise_backward(kernel, layer: _Layer, grad_out: torch.Tensor, xhat, gate, rstd):
-    """``(grad_pre, grad_gamma, grad_beta)`` for :func:`_normalise`'s output gradient ``grad_out``."""
-    if not layer.norm.training:
-        return _normalise_held_backward(layer.norm, grad_out, xhat, gate, rstd)
-    n_cells, width = grad_out.shape
-    grad_pre = torch.empty_like(grad_out)
-    grad_gamma, grad_beta = torch.empty(width), torch.empty(width)
-    kernel.bn_relu_backward(
+    out, xhat, gate = (torch.empty_like(pre) for _ in range(3))
+    kernel.bn_held_relu_forward(
         n_cells,
         width,
-        grad_out.contiguous().data_ptr(),
+        pre.data_ptr(),
+        norm.weight.data_ptr(),
+        norm.bias.data_ptr(),
+        norm.running_mean.data_ptr(),
+        rstd.data_ptr(),
+        _ptr(mask),
+        out.data_ptr(),
+        xhat.data_ptr(),
+        gate.data_ptr(),
+    )
+    return out, xhat, gate, rstd
+
+
+def normalise_backward(kernel, layer: HiddenLayer, grad_out: torch.Tensor, xhat, gate, rstd):
+    """``(grad_pre, grad_gamma, grad_beta)`` for :func:`normalise`'s output gradient ``grad_out``."""
+    n_cells, width = grad_out.shape
+    grad_out = grad_out.contiguous()  # (held by name: the kernel reads its memory)
+    grad_pre = torch.empty_like(grad_out)
+    grad_gamma, grad_beta = torch.empty(width), torch.empty(width)
+    # a held BatchNorm's statistics are constants: no gradient through them
+    backward = kernel.bn_relu_backward if layer.norm.training else kernel.bn_held_relu_backward
+    backward(
+        n_cells,
+        width,
+        grad_out.data_ptr(),
         xhat.data_ptr(),
         gate.data_ptr(),
         layer.norm.weight.data_ptr(),
@@ -323,7 +349,7 @@ def _normalise_backward(kernel, layer: _Layer, grad_out: torch.Tensor, xhat, gat
     return grad_pre, grad_gamma, grad_beta
 
 
-def _embedding_gradients(layer: _Layer, codes: list[torch.Tensor], grad_pre: torch.Tensor) -> list[torch.Tensor]:
+def _embedding_gradients(layer: HiddenLayer, codes: list[torch.Tensor], grad_pre: torch.Tensor) -> list[torch.Tensor]:
     return [
         torch.zeros_like(weight).index_add_(0, codes[index], grad_pre)
         for weight, index in zip(layer.embeddings, layer.used_covariates, strict=True)
@@ -331,7 +357,7 @@ def _embedding_gradients(layer: _Layer, codes: list[torch.Tensor], grad_pre: tor
 
 
 @dataclass
-class _Saved:
+class SavedPass:
     """What the backward pass reads from the forward pass of one minibatch."""
 
     codes: list[torch.Tensor]
@@ -355,7 +381,7 @@ class _Saved:
 
 
 @torch.no_grad()
-def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
+def forward_pass(spec: FusedSpec, batch: MiniBatch, kl_weight: float):
     """``(loss, reconstruction (B,), kl (B,), saved)``; updates the BatchNorm running statistics."""
     kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
     threads = torch.get_num_threads()
@@ -389,7 +415,7 @@ def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
         mask = torch.empty(n_cells, width)
         threshold = min(2**32 - 1, round(enc.dropout * 2**32))
         kernel.dropout_mask(mask.numel(), seed, threshold, 1.0 / (1.0 - enc.dropout), mask.data_ptr(), 1)
-    hidden_enc, xhat_enc, gate_enc, rstd_enc = _normalise(kernel, enc, pre_enc, mask)
+    hidden_enc, xhat_enc, gate_enc, rstd_enc = normalise(kernel, enc, pre_enc, mask)
 
     # Gaussian head: z = mean + sqrt(var) * noise, KL to N(0, I)
     q = torch.addmm(spec.heads_bias, hidden_enc, spec.heads_weight.t())
@@ -402,7 +428,7 @@ def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
     # decoder: Linear(z) + covariates -> BatchNorm -> ReLU -> fused output heads -> likelihood
     pre_dec = torch.addmm(dec.bias, z, dec.weight.t())
     _add_embeddings(pre_dec, dec, codes)
-    hidden_dec, xhat_dec, gate_dec, rstd_dec = _normalise(kernel, dec, pre_dec, None)
+    hidden_dec, xhat_dec, gate_dec, rstd_dec = normalise(kernel, dec, pre_dec, None)
     # the largest product, (B, H) x (H, G or 2G): its two column halves side by side
     heads = spec.out_bias.expand(n_cells, -1).contiguous()
     half = heads.shape[1] // 2
@@ -418,7 +444,7 @@ def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
     )
     reconstruction = log_likelihood.neg_()
     loss = (reconstruction + kl_weight * kl).mean()
-    saved = _Saved(
+    saved = SavedPass(
         codes,
         row_ptr,
         cols,
@@ -441,7 +467,7 @@ def _forward(spec: _Spec, batch: MiniBatch, kl_weight: float):
     return loss, reconstruction, kl, saved
 
 
-def _gradient_buffer(parameter: torch.Tensor, into_grad: bool) -> torch.Tensor | None:
+def gradient_buffer(parameter: torch.Tensor, into_grad: bool) -> torch.Tensor | None:
     """Where a large weight's gradient is written: None if frozen; its ``.grad`` when asked and
     that is a plain contiguous tensor of its shape (the optimiser's flat-buffer view); else new."""
     if not parameter.requires_grad:
@@ -453,9 +479,9 @@ def _gradient_buffer(parameter: torch.Tensor, into_grad: bool) -> torch.Tensor |
 
 
 @torch.no_grad()
-def _backward(
-    spec: _Spec,
-    saved: _Saved,
+def backward_pass(
+    spec: FusedSpec,
+    saved: SavedPass,
     weight_rec: torch.Tensor,
     weight_kl: torch.Tensor,
     grad_z: torch.Tensor | None = None,
@@ -463,7 +489,7 @@ def _backward(
     grad_var: torch.Tensor | None = None,
     into_grads: bool = False,
 ) -> list[torch.Tensor | None]:
-    """Gradients, in the order of :meth:`_Spec.parameters`, of ``sum_b weight_rec_b rec_b +
+    """Gradients, in the order of :meth:`FusedSpec.parameters`, of ``sum_b weight_rec_b rec_b +
     weight_kl_b kl_b`` (``(B,)`` weights; the mean loss has ``1 / B`` and ``kl_weight / B``), plus
     whatever a caller's own objective sends back into the sample ``z`` and the posterior's ``mean``
     and ``var`` (``(B, L)`` gradients, or None). The output layer's and the first layer's weights
@@ -482,7 +508,7 @@ def _backward(
     grad_hidden_dec = torch.empty_like(saved.hidden_dec)
     # frozen parameters (a mapped query's reference weights) get no gradient (None): the output
     # layer's weight gradient is half the pass's arithmetic
-    grad_out_weight = _gradient_buffer(spec.out_weight, into_grads)
+    grad_out_weight = gradient_buffer(spec.out_weight, into_grads)
     if grad_out_weight is None:
         torch.mm(grad_heads, spec.out_weight, out=grad_hidden_dec)
     # the two (G or 2G, B) x (B, H)-sized products of the output layer, side by side
@@ -496,7 +522,7 @@ def _backward(
     grad_out_bias = torch.mv(grad_heads.t(), row_scale)
     grad_log_theta = torch.mv(saved.grad_log_theta.t(), row_scale).unsqueeze(0)
 
-    grad_pre_dec, grad_gamma_dec, grad_beta_dec = _normalise_backward(
+    grad_pre_dec, grad_gamma_dec, grad_beta_dec = normalise_backward(
         kernel, dec, grad_hidden_dec, saved.xhat_dec, saved.gate_dec, saved.rstd_dec
     )
     grad_dec_weight = torch.mm(grad_pre_dec.t(), saved.z)
@@ -505,6 +531,7 @@ def _backward(
     grad_z = torch.mm(grad_pre_dec, dec.weight) if grad_z is None else torch.addmm(grad_z, grad_pre_dec, dec.weight)
 
     grad_q = torch.empty_like(saved.q)
+    weight_kl = weight_kl.contiguous()  # (held by name: the kernel reads its memory)
     kernel.gaussian_head_backward(
         n_cells,
         n_latent,
@@ -512,7 +539,7 @@ def _backward(
         saved.noise.data_ptr(),
         saved.var.data_ptr(),
         grad_z.data_ptr(),
-        weight_kl.contiguous().data_ptr(),
+        weight_kl.data_ptr(),
         spec.var_eps,
         grad_q.data_ptr(),
     )
@@ -525,10 +552,10 @@ def _backward(
     grad_heads_bias = grad_q.sum(0)
     grad_hidden_enc = torch.mm(grad_q, spec.heads_weight)
 
-    grad_pre_enc, grad_gamma_enc, grad_beta_enc = _normalise_backward(
+    grad_pre_enc, grad_gamma_enc, grad_beta_enc = normalise_backward(
         kernel, enc, grad_hidden_enc, saved.xhat_enc, saved.gate_enc, saved.rstd_enc
     )
-    grad_enc_weight = _gradient_buffer(enc.weight, into_grads)
+    grad_enc_weight = gradient_buffer(enc.weight, into_grads)
     if grad_enc_weight is not None:
         kernel.sparse_linear_backward_weight(
             n_cells,
@@ -562,26 +589,32 @@ def _backward(
     ]
 
 
-def fused_loss_and_gradients(spec: _Spec, batch: MiniBatch, kl_weight: float) -> LossOutput:
+def fused_loss_and_gradients(spec: FusedSpec, batch: MiniBatch, kl_weight: float) -> LossOutput:
     """:func:`fused_loss` and the gradient of its ``loss``, written into each parameter's ``.grad``
     (replacing what was there, as ``zero_grad()`` then ``loss.backward()`` would) without autograd.
 
     The returned tensors carry no graph. Saves the autograd engine's per-parameter work (about
     0.3 ms of a 4 ms step on 2 cores); a trainer uses it when nothing hooks into the backward pass.
     """
-    loss, reconstruction, kl, saved = _forward(spec, batch, float(kl_weight))
+    loss, reconstruction, kl, saved = forward_pass(spec, batch, float(kl_weight))
     n_cells = batch.size
     weight_rec = torch.full((n_cells,), 1.0 / n_cells)
     weight_kl = torch.full((n_cells,), float(kl_weight) / n_cells)
-    grads = _backward(spec, saved, weight_rec, weight_kl, into_grads=True)
-    for parameter, grad in zip(spec.parameters(), grads, strict=True):
+    grads = backward_pass(spec, saved, weight_rec, weight_kl, into_grads=True)
+    write_gradients(spec.parameters(), grads)
+    return LossOutput.variational(loss, reconstruction, kl)
+
+
+def write_gradients(parameters: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """Put each gradient in its parameter's ``.grad``, replacing what was there (in place when a
+    ``.grad`` exists: the optimiser's flat-buffer views stay live); frozen parameters are skipped."""
+    for parameter, grad in zip(parameters, grads, strict=True):
         if not parameter.requires_grad or grad is parameter.grad:
             continue
         if parameter.grad is None:
             parameter.grad = grad
         else:
             parameter.grad.copy_(grad)
-    return LossOutput.variational(loss, reconstruction, kl)
 
 
 class _FusedELBO(torch.autograd.Function):
@@ -590,8 +623,8 @@ class _FusedELBO(torch.autograd.Function):
     backward."""
 
     @staticmethod
-    def forward(ctx, spec: _Spec, batch: MiniBatch, kl_weight: float, *parameters):
-        loss, reconstruction, kl, saved = _forward(spec, batch, kl_weight)
+    def forward(ctx, spec: FusedSpec, batch: MiniBatch, kl_weight: float, *parameters):
+        loss, reconstruction, kl, saved = forward_pass(spec, batch, kl_weight)
         ctx.spec, ctx.kl_weight, ctx.saved = spec, kl_weight, saved
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*parameters)
@@ -612,12 +645,12 @@ class _FusedELBO(torch.autograd.Function):
             weight_rec += grad_reconstruction
         if grad_kl is not None:
             weight_kl += grad_kl
-        grads = _backward(ctx.spec, ctx.saved, weight_rec, weight_kl, grad_z, grad_mean, grad_var)
+        grads = backward_pass(ctx.spec, ctx.saved, weight_rec, weight_kl, grad_z, grad_mean, grad_var)
         needs = ctx.needs_input_grad[3:]
         return (None, None, None, *(g if need else None for g, need in zip(grads, needs, strict=True)))
 
 
-def fused_pass(spec: _Spec, batch: MiniBatch) -> dict[str, torch.Tensor]:
+def fused_pass(spec: FusedSpec, batch: MiniBatch) -> dict[str, torch.Tensor]:
     """The VAE's encoder, sample and decoder likelihood through the fused kernels, as one autograd
     node, for a model that builds its own objective on top of the count VAE (the semi-supervised
     VAE's M1).

@@ -47,7 +47,7 @@ from ..data.loader import MiniBatch
 from ..distributions import gaussian_kl, gaussian_log_prob
 from ..hyperparameters import setting
 from ..nn import MLP, GaussianEncoder
-from . import fused_elbo
+from . import fused_elbo, fused_ssvae
 from .vae import CountVAEHyperparameters, VAEModule
 
 
@@ -228,9 +228,10 @@ class SemiSupervisedVAEModule(Module):
         kl = kl_z1 + gaussian_kl(m2, v2)
         return kl.view(n_labels, n_cells).t()
 
-    def _classification(self, batch: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def classification_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and accuracy of the classifier on labelled cells: those of
-        ``batch.labelled`` if attached, else the minibatch's own (zeros when it has none)."""
+        ``batch.labelled`` if attached, else the minibatch's own (zeros when it has none). The
+        cross-entropy is differentiable (autograd) whenever there were labelled cells."""
         source = batch.labelled if batch.labelled is not None else batch
         labels = source.label_index
         labelled = labels >= 0
@@ -264,8 +265,23 @@ class SemiSupervisedVAEModule(Module):
         kl = torch.where(labelled, labelled_kl, unlabelled_kl)
         kl_l = None if "ql_mean" not in inf else self.vae.library_kl(inf, batch)
         kl_l = torch.zeros_like(kl) if kl_l is None else kl_l
-        cross_entropy, accuracy = self._classification(batch)
+        cross_entropy, accuracy = self.classification_loss(batch)
         loss = torch.mean(reconstruction + kl_weight * kl + kl_l) + self.classification_ratio * cross_entropy
         per_cell = torch.ones_like(reconstruction)
         extra = {"classification": per_cell * cross_entropy.detach(), "accuracy": per_cell * accuracy}
         return LossOutput.variational(loss, reconstruction, kl + kl_l, extra)
+
+    def supports_direct_gradients(self) -> bool:
+        """Whether the hand-written pass (:mod:`sclatent.modules.fused_ssvae`) can train this
+        configuration: the count VAE's fused configuration on the CPU in float32 with the native
+        kernels, and the default classifier (one hidden layer)."""
+        return fused_ssvae.applies(self)
+
+    def loss_and_gradients(self, batch: MiniBatch, kl_weight: float = 1.0) -> LossOutput:
+        """:meth:`loss` with the gradient of its ``loss`` in every parameter's ``.grad`` (replacing
+        what was there), computed by hand (:mod:`sclatent.modules.fused_ssvae`): the trainer's fast
+        path. A minibatch the pass cannot take (one cell, continuous covariates) goes through autograd."""
+        specs = fused_ssvae.specs(self, batch)
+        if specs is None:
+            return self.loss_and_gradients_by_autograd(batch, kl_weight)
+        return fused_ssvae.loss_and_gradients(self, *specs, batch, kl_weight)

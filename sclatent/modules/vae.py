@@ -439,12 +439,7 @@ class VAEModule(Module):
         spec = fused_elbo.fused_spec(self, batch)
         if spec is not None:
             return fused_elbo.fused_loss_and_gradients(spec, batch, kl_weight)
-        out = self.loss(batch, kl_weight=kl_weight)
-        for parameter in self.parameters():
-            if parameter.grad is not None:
-                parameter.grad.zero_()
-        out.loss.backward()
-        return LossOutput(out.loss.detach(), {k: v.detach() for k, v in out.terms.items()}, out.elbo_terms)
+        return self.loss_and_gradients_by_autograd(batch, kl_weight)
 
     @torch.no_grad()
     def marginal_log_likelihood(
