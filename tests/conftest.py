@@ -44,6 +44,17 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Two torch threads for one test (the suite's default is one): the fused training passes then run
+    their output-layer products side by side (``_gemm_pair``), the path training takes on a multi-core
+    machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     """The repository root: the working directory and ``PYTHONPATH`` of the subprocesses tests start."""

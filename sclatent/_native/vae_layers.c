@@ -13,6 +13,29 @@
 #include <string.h>
 
 /*
+ * out = relu(gamma * xhat + beta) * mask with xhat = (a - mean) * rstd, row by row; writes xhat and
+ * gate (d out / d (gamma * xhat + beta)) for the backward. mask NULL: no dropout.
+ */
+static inline void normalise_relu_rows(int64_t B, int64_t H, const float *a, const float *mean, const float *rstd,
+                                       const float *gamma, const float *beta, const float *mask, float *out,
+                                       float *xhat, float *gate) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = a + b * H, *m = mask ? mask + b * H : 0;
+        float *o = out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            const float x = (row[j] - mean[j]) * rstd[j];
+            const float y = gamma[j] * x + beta[j];
+            const float keep = m ? m[j] : 1.0f;
+            const float g = y > 0.0f ? keep : 0.0f;
+            xh[j] = x;
+            gt[j] = g;
+            o[j] = y * g;
+        }
+    }
+}
+
+/*
  * out = relu(gamma * xhat + beta) * mask, xhat = (a - mean) * rstd, over columns of a (B, H).
  * mask: (B, H) dropout scale (0 or 1 / (1 - p)) or NULL for none. Writes mean, var (biased) and
  * rstd (H,), xhat (B, H) and gate (B, H) = d out / d (gamma * xhat + beta), for the backward, and
@@ -48,20 +71,7 @@ void bn_relu_forward(int64_t B, int64_t H, const float *a, const float *gamma, c
         running_mean[j] += momentum * (mean[j] - running_mean[j]);
         running_var[j] += momentum * (var[j] * unbiased - running_var[j]);
     }
-    for (int64_t b = 0; b < B; b++) {
-        const float *row = a + b * H, *m = mask ? mask + b * H : 0;
-        float *o = out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
-#pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const float x = (row[j] - mean[j]) * rstd[j];
-            const float y = gamma[j] * x + beta[j];
-            const float keep = m ? m[j] : 1.0f;
-            const float g = y > 0.0f ? keep : 0.0f;
-            xh[j] = x;
-            gt[j] = g;
-            o[j] = y * g;
-        }
-    }
+    normalise_relu_rows(B, H, a, mean, rstd, gamma, beta, mask, out, xhat, gate);
 }
 
 /*
@@ -103,20 +113,7 @@ void bn_relu_backward(int64_t B, int64_t H, const float *grad_out, const float *
 void bn_held_relu_forward(int64_t B, int64_t H, const float *a, const float *gamma, const float *beta,
                           const float *running_mean, const float *rstd, const float *mask, float *out, float *xhat,
                           float *gate) {
-    for (int64_t b = 0; b < B; b++) {
-        const float *row = a + b * H, *m = mask ? mask + b * H : 0;
-        float *o = out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
-#pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const float x = (row[j] - running_mean[j]) * rstd[j];
-            const float y = gamma[j] * x + beta[j];
-            const float keep = m ? m[j] : 1.0f;
-            const float g = y > 0.0f ? keep : 0.0f;
-            xh[j] = x;
-            gt[j] = g;
-            o[j] = y * g;
-        }
-    }
+    normalise_relu_rows(B, H, a, running_mean, rstd, gamma, beta, mask, out, xhat, gate);
 }
 
 /*

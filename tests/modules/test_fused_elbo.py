@@ -17,17 +17,7 @@ from sclatent.data import CellData, setup_anndata
 from sclatent.modules import VAEModule
 from sclatent.modules.fused_elbo import applies, fused_loss, fused_spec
 
-pytestmark = pytest.mark.needs_native
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    """Two torch threads (the suite's default is one): the fused pass then runs its output-layer
-    products side by side (``_gemm_pair``), the path training takes on a multi-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.needs_native, pytest.mark.usefixtures("two_torch_threads")]
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,9 @@ from sclatent.data.labelled import LabelledData
 from sclatent.model import SemiSupervisedVAE
 from sclatent.modules import SemiSupervisedVAEModule, fused_ssvae
 
-pytestmark = pytest.mark.needs_native
+pytestmark = [pytest.mark.needs_native, pytest.mark.usefixtures("two_torch_threads")]
 
 N_GENES, N_LABELS = 50, 3
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    """Two torch threads (the suite's default is one): the output layer's products then run side by side."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
