@@ -75,25 +75,34 @@ void bn_relu_forward(int64_t B, int64_t H, const float *a, const float *gamma, c
 }
 
 /*
+ * The first pass of both BatchNorm backwards: dy = grad_out * gate into dy_out (B, H), and the
+ * affine parameters' gradients grad_beta = sum_b dy, grad_gamma = sum_b dy xhat (H,) overwritten.
+ */
+static inline void affine_gradients(int64_t B, int64_t H, const float *grad_out, const float *xhat, const float *gate,
+                                    float *dy_out, float *grad_gamma, float *grad_beta) {
+    memset(grad_gamma, 0, (size_t)H * sizeof(float));
+    memset(grad_beta, 0, (size_t)H * sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        const float *go = grad_out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
+        float *dy_row = dy_out + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            const float dy = go[j] * gt[j];
+            dy_row[j] = dy;
+            grad_beta[j] += dy;
+            grad_gamma[j] += dy * xh[j];
+        }
+    }
+}
+
+/*
  * Backward of bn_relu_forward: grad_a (B, H), grad_gamma and grad_beta (H,) overwritten.
  * With dy = grad_out * gate: d beta = sum_b dy, d gamma = sum_b dy xhat and
  * d a = gamma rstd (dy - d beta / B - xhat d gamma / B).
  */
 void bn_relu_backward(int64_t B, int64_t H, const float *grad_out, const float *xhat, const float *gate,
                       const float *gamma, const float *rstd, float *grad_a, float *grad_gamma, float *grad_beta) {
-    memset(grad_gamma, 0, (size_t)H * sizeof(float));
-    memset(grad_beta, 0, (size_t)H * sizeof(float));
-    for (int64_t b = 0; b < B; b++) {
-        const float *go = grad_out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
-        float *da = grad_a + b * H;
-#pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const float dy = go[j] * gt[j];
-            da[j] = dy; /* kept for the second pass */
-            grad_beta[j] += dy;
-            grad_gamma[j] += dy * xh[j];
-        }
-    }
+    affine_gradients(B, H, grad_out, xhat, gate, grad_a, grad_gamma, grad_beta);
     const float inv_b = 1.0f / (float)B;
     for (int64_t b = 0; b < B; b++) {
         const float *xh = xhat + b * H;
@@ -122,18 +131,11 @@ void bn_held_relu_forward(int64_t B, int64_t H, const float *a, const float *gam
  */
 void bn_held_relu_backward(int64_t B, int64_t H, const float *grad_out, const float *xhat, const float *gate,
                            const float *gamma, const float *rstd, float *grad_a, float *grad_gamma, float *grad_beta) {
-    memset(grad_gamma, 0, (size_t)H * sizeof(float));
-    memset(grad_beta, 0, (size_t)H * sizeof(float));
+    affine_gradients(B, H, grad_out, xhat, gate, grad_a, grad_gamma, grad_beta);
     for (int64_t b = 0; b < B; b++) {
-        const float *go = grad_out + b * H, *xh = xhat + b * H, *gt = gate + b * H;
         float *da = grad_a + b * H;
 #pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const float dy = go[j] * gt[j];
-            da[j] = gamma[j] * rstd[j] * dy;
-            grad_beta[j] += dy;
-            grad_gamma[j] += dy * xh[j];
-        }
+        for (int64_t j = 0; j < H; j++) da[j] = gamma[j] * rstd[j] * da[j];
     }
 }
 

@@ -39,7 +39,7 @@ from .. import _native
 from ..contracts import LossOutput
 from ..data.loader import MiniBatch
 from ..distributions import native_softmax_nb
-from ..nn.blocks import MLP
+from ..nn.blocks import MLP, native_dropout_mask
 
 
 @dataclass
@@ -410,11 +410,7 @@ def forward_pass(spec: FusedSpec, batch: MiniBatch, kl_weight: float):
     _add_embeddings(pre_enc, enc, codes)
     mask = None
     if enc.dropout > 0:
-        # the draw sclatent.nn.blocks.Dropout makes, so both paths see the same mask
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-        mask = torch.empty(n_cells, width)
-        threshold = min(2**32 - 1, round(enc.dropout * 2**32))
-        kernel.dropout_mask(mask.numel(), seed, threshold, 1.0 / (1.0 - enc.dropout), mask.data_ptr(), 1)
+        mask = native_dropout_mask(kernel, (n_cells, width), enc.dropout)
     hidden_enc, xhat_enc, gate_enc, rstd_enc = normalise(kernel, enc, pre_enc, mask)
 
     # Gaussian head: z = mean + sqrt(var) * noise, KL to N(0, I)

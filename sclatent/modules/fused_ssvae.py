@@ -41,7 +41,7 @@ from torch import nn
 from ..contracts import LossOutput
 from ..data.loader import MiniBatch
 from ..nn import MLP
-from ..nn.blocks import Dropout
+from ..nn.blocks import Dropout, native_dropout_mask
 from . import fused_elbo
 from .fused_elbo import FusedSpec, HiddenLayer
 
@@ -149,14 +149,6 @@ def specs(module, batch: MiniBatch) -> tuple[FusedSpec, SemiSupervisedSpec] | No
     return None if m2 is None else (m1, m2)
 
 
-def _dropout_mask(kernel, shape: tuple[int, int], p: float) -> torch.Tensor:
-    # the draw sclatent.nn.blocks.Dropout makes (its seed from torch's generator), so both paths agree
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    mask = torch.empty(shape)
-    kernel.dropout_mask(mask.numel(), seed, min(2**32 - 1, round(p * 2**32)), 1.0 / (1.0 - p), mask.data_ptr(), 1)
-    return mask
-
-
 def _grad_if(parameter: torch.Tensor, compute):
     """``compute()`` if ``parameter`` trains, else None (a frozen parameter's product is skipped)."""
     return compute() if parameter.requires_grad else None
@@ -199,7 +191,7 @@ def loss_and_gradients(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: Min
     gate = (hidden_pre > 0).to(hidden_pre.dtype)
     p = _drop_probability(m2.classifier_dropout)
     if p > 0:
-        gate.mul_(_dropout_mask(kernel, tuple(hidden_pre.shape), p))
+        gate.mul_(native_dropout_mask(kernel, tuple(hidden_pre.shape), p))
     hidden = hidden_pre * gate
     logits = torch.addmm(m2.classifier_out.bias, hidden, m2.classifier_out.weight.t())
     log_q_y = torch.log_softmax(logits, dim=-1)
@@ -267,7 +259,7 @@ def _m2_forward(kernel, m2: SemiSupervisedSpec, z1: torch.Tensor, n_labels: int)
     shared = torch.addmm(encoder.hidden.bias, z1, encoder.hidden.weight.t())
     pre = (shared.unsqueeze(0) + encoder.hidden.embeddings[0].unsqueeze(1)).reshape(rows, -1)
     p = _drop_probability(encoder.dropout)
-    mask = _dropout_mask(kernel, tuple(pre.shape), p) if p > 0 else None
+    mask = native_dropout_mask(kernel, tuple(pre.shape), p) if p > 0 else None
     hidden_enc, xhat_enc, gate_enc, rstd_enc = fused_elbo.normalise(kernel, encoder.hidden, pre, mask)
     q2 = torch.addmm(encoder.heads.bias, hidden_enc, encoder.heads.weight.t())
     n_latent = q2.shape[1] // 2

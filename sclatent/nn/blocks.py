@@ -11,6 +11,16 @@ from .. import _native
 from .sparse import SparseLinear, SparseRows
 
 
+def native_dropout_mask(kernel, shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """A float32 inverted-dropout mask of ``shape`` (0, or ``1 / (1 - p)`` with probability ``1 - p``)
+    from the native generator, its seed drawn from torch's generator: the one draw :class:`Dropout`
+    and the fused training passes share, so the passes see the masks autograd would."""
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    mask = torch.empty(shape, dtype=torch.float32)
+    kernel.dropout_mask(mask.numel(), seed, min(2**32 - 1, round(p * 2**32)), 1.0 / (1.0 - p), mask.data_ptr(), 1)
+    return mask
+
+
 class Dropout(nn.Module):
     """Inverted dropout, as ``torch.nn.Dropout``, with a faster mask on CPU.
 
@@ -32,12 +42,7 @@ class Dropout(nn.Module):
         kernel = _native.kernels(x.device, x.dtype)
         if kernel is None:
             return nn.functional.dropout(x, self.p, training=True)
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-        mask = torch.empty(x.shape, dtype=x.dtype)
-        kernel.dropout_mask(
-            mask.numel(), seed, min(2**32 - 1, round(self.p * 2**32)), 1.0 / (1.0 - self.p), mask.data_ptr(), 1
-        )
-        return x * mask
+        return x * native_dropout_mask(kernel, tuple(x.shape), self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
