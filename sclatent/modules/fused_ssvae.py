@@ -260,8 +260,8 @@ def _m2_forward(kernel, m2: SemiSupervisedSpec, z1: torch.Tensor, n_labels: int)
     pre = (shared.unsqueeze(0) + encoder.hidden.embeddings[0].unsqueeze(1)).reshape(rows, -1)
     p = _drop_probability(encoder.dropout)
     mask = native_dropout_mask(kernel, tuple(pre.shape), p) if p > 0 else None
-    hidden_enc, xhat_enc, gate_enc, rstd_enc = fused_elbo.normalise(kernel, encoder.hidden, pre, mask)
-    q2 = torch.addmm(encoder.heads.bias, hidden_enc, encoder.heads.weight.t())
+    encoder_layer = fused_elbo.normalise(kernel, encoder.hidden, pre, mask)  # (out, xhat, gate, rstd)
+    q2 = torch.addmm(encoder.heads.bias, encoder_layer[0], encoder.heads.weight.t())
     n_latent = q2.shape[1] // 2
     noise = torch.randn(rows, n_latent)
     z2, var2, kl2 = torch.empty(rows, n_latent), torch.empty(rows, n_latent), torch.empty(rows)
@@ -271,8 +271,8 @@ def _m2_forward(kernel, m2: SemiSupervisedSpec, z1: torch.Tensor, n_labels: int)
     # p(z1 | z2, k)
     pre_dec = torch.addmm(decoder.hidden.bias, z2, decoder.hidden.weight.t())
     pre_dec.view(n_labels, n_cells, -1).add_(decoder.hidden.embeddings[0].unsqueeze(1))
-    hidden_dec, xhat_dec, gate_dec, rstd_dec = fused_elbo.normalise(kernel, decoder.hidden, pre_dec, None)
-    q1 = torch.addmm(decoder.heads.bias, hidden_dec, decoder.heads.weight.t())
+    decoder_layer = fused_elbo.normalise(kernel, decoder.hidden, pre_dec, None)
+    q1 = torch.addmm(decoder.heads.bias, decoder_layer[0], decoder.heads.weight.t())
     mean1 = q1[:, :n_latent]
     var1 = torch.exp(q1[:, n_latent:]) + decoder.var_eps
     # the sample GaussianEncoder draws (unused by the objective): drawn so the generator moves as in autograd
@@ -281,18 +281,12 @@ def _m2_forward(kernel, m2: SemiSupervisedSpec, z1: torch.Tensor, n_labels: int)
     neg_log_p_z1 = 0.5 * (_LOG_2PI + torch.log(var1) + deviation.square() / var1).sum(1)
     return {
         "kl_rows": neg_log_p_z1 + kl2,
-        "hidden_enc": hidden_enc,
-        "xhat_enc": xhat_enc,
-        "gate_enc": gate_enc,
-        "rstd_enc": rstd_enc,
+        "encoder_layer": encoder_layer,
         "q2": q2,
         "noise": noise,
         "z2": z2,
         "var2": var2,
-        "hidden_dec": hidden_dec,
-        "xhat_dec": xhat_dec,
-        "gate_dec": gate_dec,
-        "rstd_dec": rstd_dec,
+        "decoder_layer": decoder_layer,
         "var1": var1,
         "deviation": deviation,
     }
@@ -317,8 +311,7 @@ def _m2_backward(
     grad_z1_rows = precision_deviation * weight
     grad_var1 = (1.0 / var1 - precision_deviation.square()) * (0.5 * weight)
     grad_q1 = torch.cat([-grad_z1_rows, grad_var1 * (var1 - decoder.var_eps)], dim=1)
-    grads_dec = _layer_backward(kernel, decoder, saved, "dec", grad_q1, saved["z2"], n_labels)
-    grad_z2 = grads_dec.pop("input")
+    grad_z2, decoder_grads = _layer_backward(kernel, decoder, saved["decoder_layer"], grad_q1, saved["z2"], n_labels)
 
     grad_q2 = torch.empty_like(saved["q2"])
     # (held by name: the kernel reads their memory)
@@ -334,33 +327,32 @@ def _m2_backward(
         encoder.var_eps,
         grad_q2.data_ptr(),
     )
-    grads_enc = _layer_backward(kernel, encoder, saved, "enc", grad_q2, z1, n_labels, shared_input=True)
-    grad_z1 = grads_enc.pop("input")
+    grad_z1, encoder_grads = _layer_backward(
+        kernel, encoder, saved["encoder_layer"], grad_q2, z1, n_labels, shared_input=True
+    )
     grad_z1.add_(grad_z1_rows.view(n_labels, n_cells, n_latent).sum(0))
-    return grad_z1, grads_enc["parameters"] + grads_dec["parameters"]
+    return grad_z1, encoder_grads + decoder_grads
 
 
 def _layer_backward(
     kernel,
     part: _GaussianLayer,
-    saved: dict[str, torch.Tensor],
-    tag: str,
+    layer_state: tuple[torch.Tensor, ...],
     grad_heads: torch.Tensor,
     layer_input: torch.Tensor,
     n_labels: int,
     shared_input: bool = False,
-) -> dict:
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Backward of one M2 Gaussian layer from its heads' gradient ``(K B, 2L)``: the gradient of
     its input (``(B, L)`` when the input is shared by the classes' rows, else ``(K B, L)``) and of
-    its parameters (:meth:`SemiSupervisedSpec.parameters` order)."""
+    its parameters (:meth:`SemiSupervisedSpec.parameters` order). ``layer_state`` is what
+    :func:`sclatent.modules.fused_elbo.normalise` returned in the forward: ``(out, xhat, gate, rstd)``."""
     hidden_layer, heads = part.hidden, part.heads
-    hidden = saved[f"hidden_{tag}"]
+    hidden, xhat, gate, rstd = layer_state
     grad_heads_weight = _grad_if(heads.weight, lambda: grad_heads.t() @ hidden)
     grad_heads_bias = _grad_if(heads.bias, lambda: grad_heads.sum(0))
     grad_hidden = grad_heads @ heads.weight
-    grad_pre, grad_gamma, grad_beta = fused_elbo.normalise_backward(
-        kernel, hidden_layer, grad_hidden, saved[f"xhat_{tag}"], saved[f"gate_{tag}"], saved[f"rstd_{tag}"]
-    )
+    grad_pre, grad_gamma, grad_beta = fused_elbo.normalise_backward(kernel, hidden_layer, grad_hidden, xhat, gate, rstd)
     per_class = grad_pre.view(n_labels, -1, grad_pre.shape[1])
     grad_embedding = _grad_if(hidden_layer.embeddings[0], lambda: per_class.sum(1))
     grad_linear = per_class.sum(0) if shared_input else grad_pre  # what reaches the linear part
@@ -368,4 +360,4 @@ def _layer_backward(
     grad_bias = _grad_if(hidden_layer.bias, lambda: grad_linear.sum(0))
     grad_input = grad_linear @ hidden_layer.weight
     parameters = [grad_weight, grad_bias, grad_embedding, grad_gamma, grad_beta, grad_heads_weight, grad_heads_bias]
-    return {"input": grad_input, "parameters": parameters}
+    return grad_input, parameters
