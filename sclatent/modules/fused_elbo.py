@@ -172,11 +172,15 @@ def fused_spec(module, batch: MiniBatch) -> FusedSpec | None:
     """What the fused pass needs from ``module`` for this minibatch, or None when this call must take
     the autograd path (the pass does not apply, evaluation or no-grad calls, fewer than two cells,
     continuous covariates)."""
-    if not (module.training and torch.is_grad_enabled() and batch.size >= 2):
-        return None
-    if batch.continuous_covariates.shape[-1] or batch.nz_val.device.type != "cpu":
+    if not (module.training and torch.is_grad_enabled() and batch_applies(batch)):
         return None
     return _applicable_spec(module)
+
+
+def batch_applies(batch: MiniBatch) -> bool:
+    """Whether the pass can take this minibatch: two cells or more (a training BatchNorm needs
+    them), no continuous covariates, on the CPU."""
+    return batch.size >= 2 and not batch.continuous_covariates.shape[-1] and batch.nz_val.device.type == "cpu"
 
 
 def _structure(module) -> FusedSpec | None:
@@ -357,18 +361,25 @@ def _embedding_gradients(layer: HiddenLayer, codes: list[torch.Tensor], grad_pre
 
 
 @dataclass
-class SavedPass:
-    """What the backward pass reads from the forward pass of one minibatch."""
+class EncoderPass:
+    """What the backward reads from the encoder's forward pass over one minibatch."""
 
     codes: list[torch.Tensor]
     row_ptr: torch.Tensor
     cols: torch.Tensor
     log_counts: torch.Tensor
-    xhat_enc: torch.Tensor
-    gate_enc: torch.Tensor
-    rstd_enc: torch.Tensor
-    hidden_enc: torch.Tensor
-    q: torch.Tensor
+    xhat: torch.Tensor
+    gate: torch.Tensor
+    rstd: torch.Tensor
+    hidden: torch.Tensor
+    q: torch.Tensor  # (B, 2L) heads [mean | log var]
+
+
+@dataclass
+class SavedPass:
+    """What the backward pass reads from the forward pass of one minibatch."""
+
+    encoder: EncoderPass
     noise: torch.Tensor
     var: torch.Tensor
     z: torch.Tensor
@@ -381,21 +392,20 @@ class SavedPass:
 
 
 @torch.no_grad()
-def forward_pass(spec: FusedSpec, batch: MiniBatch, kl_weight: float):
-    """``(loss, reconstruction (B,), kl (B,), saved)``; updates the BatchNorm running statistics."""
-    kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
-    threads = torch.get_num_threads()
+def encoder_forward(spec: FusedSpec, batch: MiniBatch) -> tuple[EncoderPass, torch.Tensor]:
+    """The encoder ``q(z | x)`` up to its heads: sparse first layer on log1p counts -> BatchNorm ->
+    ReLU -> dropout -> ``[mean | log var]``. Draws the dropout mask and updates the BatchNorm's
+    running statistics, as the encoder module does in training (not the sample: the caller draws
+    it). Returns the pass and the minibatch's nonzero counts ``(nnz,)``."""
+    kernel, enc = spec.kernel, spec.encoder
     n_cells = batch.size
     width = enc.bias.numel()
-    n_latent = spec.heads_bias.numel() // 2
     codes, _ = batch.covariates()
     row_ptr = batch.nz_row_ptr.to(torch.int64).contiguous()
     cols = batch.nz_col.to(torch.int64).contiguous()
     counts = batch.nz_val.contiguous()
     log_counts = torch.log1p(counts)
-
-    # encoder: sparse first layer on log1p counts -> BatchNorm -> ReLU -> dropout
-    pre_enc = torch.empty(n_cells, width)
+    pre = torch.empty(n_cells, width)
     kernel.sparse_linear_forward(
         n_cells,
         width,
@@ -404,17 +414,57 @@ def forward_pass(spec: FusedSpec, batch: MiniBatch, kl_weight: float):
         log_counts.data_ptr(),
         enc.weight.data_ptr(),
         enc.bias.data_ptr(),
-        pre_enc.data_ptr(),
-        threads,
+        pre.data_ptr(),
+        torch.get_num_threads(),
     )
-    _add_embeddings(pre_enc, enc, codes)
-    mask = None
-    if enc.dropout > 0:
-        mask = native_dropout_mask(kernel, (n_cells, width), enc.dropout)
-    hidden_enc, xhat_enc, gate_enc, rstd_enc = normalise(kernel, enc, pre_enc, mask)
+    _add_embeddings(pre, enc, codes)
+    mask = native_dropout_mask(kernel, (n_cells, width), enc.dropout) if enc.dropout > 0 else None
+    hidden, xhat, gate, rstd = normalise(kernel, enc, pre, mask)
+    q = torch.addmm(spec.heads_bias, hidden, spec.heads_weight.t())
+    return EncoderPass(codes, row_ptr, cols, log_counts, xhat, gate, rstd, hidden, q), counts
+
+
+@torch.no_grad()
+def encoder_backward(
+    spec: FusedSpec, saved: EncoderPass, grad_q: torch.Tensor, into_grads: bool = False
+) -> list[torch.Tensor | None]:
+    """Gradients of the encoder's parameters (the first six-plus of :meth:`FusedSpec.parameters`:
+    first layer, its embeddings, BatchNorm, heads) from the heads' gradient ``grad_q`` ``(B, 2L)``.
+    The first layer's weight gets None when frozen; ``into_grads`` as in :func:`backward_pass`."""
+    kernel, enc = spec.kernel, spec.encoder
+    n_cells, width = saved.hidden.shape
+    grad_heads_weight = torch.mm(grad_q.t(), saved.hidden)
+    grad_heads_bias = grad_q.sum(0)
+    grad_hidden = torch.mm(grad_q, spec.heads_weight)
+    grad_pre, grad_gamma, grad_beta = normalise_backward(kernel, enc, grad_hidden, saved.xhat, saved.gate, saved.rstd)
+    grad_weight = gradient_buffer(enc.weight, into_grads)
+    if grad_weight is not None:
+        kernel.sparse_linear_backward_weight(
+            n_cells,
+            enc.weight.shape[0],
+            width,
+            saved.row_ptr.data_ptr(),
+            saved.cols.data_ptr(),
+            saved.log_counts.data_ptr(),
+            grad_pre.data_ptr(),
+            grad_weight.data_ptr(),
+            torch.get_num_threads(),
+        )
+    grad_bias = grad_pre.sum(0)
+    grad_embeddings = _embedding_gradients(enc, saved.codes, grad_pre)
+    return [grad_weight, grad_bias, *grad_embeddings, grad_gamma, grad_beta, grad_heads_weight, grad_heads_bias]
+
+
+@torch.no_grad()
+def forward_pass(spec: FusedSpec, batch: MiniBatch, kl_weight: float):
+    """``(loss, reconstruction (B,), kl (B,), saved)``; updates the BatchNorm running statistics."""
+    kernel, dec = spec.kernel, spec.decoder
+    n_cells = batch.size
+    n_latent = spec.heads_bias.numel() // 2
+    encoder, counts = encoder_forward(spec, batch)
+    codes, row_ptr, cols, q = encoder.codes, encoder.row_ptr, encoder.cols, encoder.q
 
     # Gaussian head: z = mean + sqrt(var) * noise, KL to N(0, I)
-    q = torch.addmm(spec.heads_bias, hidden_enc, spec.heads_weight.t())
     noise = torch.randn(n_cells, n_latent)
     z, var, kl = torch.empty(n_cells, n_latent), torch.empty(n_cells, n_latent), torch.empty(n_cells)
     kernel.gaussian_head_forward(
@@ -441,15 +491,7 @@ def forward_pass(spec: FusedSpec, batch: MiniBatch, kl_weight: float):
     reconstruction = log_likelihood.neg_()
     loss = (reconstruction + kl_weight * kl).mean()
     saved = SavedPass(
-        codes,
-        row_ptr,
-        cols,
-        log_counts,
-        xhat_enc,
-        gate_enc,
-        rstd_enc,
-        hidden_enc,
-        q,
+        encoder,
         noise,
         var,
         z,
@@ -493,9 +535,8 @@ def backward_pass(
     those two large gradients are written straight into the parameters' ``.grad`` tensors (and
     returned as them), saving a copy of each per step; only for a caller that replaces ``.grad``
     (:func:`fused_loss_and_gradients`), never for autograd, which adds the result to ``.grad``."""
-    kernel, enc, dec = spec.kernel, spec.encoder, spec.decoder
-    n_cells, width = saved.hidden_enc.shape
-    n_latent = saved.z.shape[1]
+    kernel, dec = spec.kernel, spec.decoder
+    n_cells, n_latent = saved.z.shape
     # reconstruction = -log p, so d/d heads = -weight_rec * grad_heads, row by row; the row
     # weights are applied to the (B, H) side of each product, never to the (B, 2G) matrix
     row_scale = weight_rec.neg()
@@ -523,15 +564,15 @@ def backward_pass(
     )
     grad_dec_weight = torch.mm(grad_pre_dec.t(), saved.z)
     grad_dec_bias = grad_pre_dec.sum(0)
-    grad_dec_embeddings = _embedding_gradients(dec, saved.codes, grad_pre_dec)
+    grad_dec_embeddings = _embedding_gradients(dec, saved.encoder.codes, grad_pre_dec)
     grad_z = torch.mm(grad_pre_dec, dec.weight) if grad_z is None else torch.addmm(grad_z, grad_pre_dec, dec.weight)
 
-    grad_q = torch.empty_like(saved.q)
+    grad_q = torch.empty_like(saved.encoder.q)
     weight_kl = weight_kl.contiguous()  # (held by name: the kernel reads its memory)
     kernel.gaussian_head_backward(
         n_cells,
         n_latent,
-        saved.q.data_ptr(),
+        saved.encoder.q.data_ptr(),
         saved.noise.data_ptr(),
         saved.var.data_ptr(),
         grad_z.data_ptr(),
@@ -544,36 +585,8 @@ def backward_pass(
         grad_q[:, :n_latent] += grad_mean
     if grad_var is not None:
         grad_q[:, n_latent:] += grad_var * (saved.var - spec.var_eps)
-    grad_heads_weight = torch.mm(grad_q.t(), saved.hidden_enc)
-    grad_heads_bias = grad_q.sum(0)
-    grad_hidden_enc = torch.mm(grad_q, spec.heads_weight)
-
-    grad_pre_enc, grad_gamma_enc, grad_beta_enc = normalise_backward(
-        kernel, enc, grad_hidden_enc, saved.xhat_enc, saved.gate_enc, saved.rstd_enc
-    )
-    grad_enc_weight = gradient_buffer(enc.weight, into_grads)
-    if grad_enc_weight is not None:
-        kernel.sparse_linear_backward_weight(
-            n_cells,
-            enc.weight.shape[0],
-            width,
-            saved.row_ptr.data_ptr(),
-            saved.cols.data_ptr(),
-            saved.log_counts.data_ptr(),
-            grad_pre_enc.data_ptr(),
-            grad_enc_weight.data_ptr(),
-            torch.get_num_threads(),
-        )
-    grad_enc_bias = grad_pre_enc.sum(0)
-    grad_enc_embeddings = _embedding_gradients(enc, saved.codes, grad_pre_enc)
     return [
-        grad_enc_weight,
-        grad_enc_bias,
-        *grad_enc_embeddings,
-        grad_gamma_enc,
-        grad_beta_enc,
-        grad_heads_weight,
-        grad_heads_bias,
+        *encoder_backward(spec, saved.encoder, grad_q, into_grads),
         grad_dec_weight,
         grad_dec_bias,
         *grad_dec_embeddings,
@@ -601,6 +614,18 @@ def fused_loss_and_gradients(spec: FusedSpec, batch: MiniBatch, kl_weight: float
     return LossOutput.variational(loss, reconstruction, kl)
 
 
+def add_gradients(parameters: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """Add each gradient to its parameter's ``.grad`` (as a second ``backward()`` would); frozen
+    parameters and None gradients are skipped."""
+    for parameter, grad in zip(parameters, grads, strict=True):
+        if grad is None or not parameter.requires_grad:
+            continue
+        if parameter.grad is None:
+            parameter.grad = grad
+        else:
+            parameter.grad.add_(grad)
+
+
 def write_gradients(parameters: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
     """Put each gradient in its parameter's ``.grad``, replacing what was there (in place when a
     ``.grad`` exists: the optimiser's flat-buffer views stay live); frozen parameters are skipped."""
@@ -625,7 +650,7 @@ class _FusedELBO(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*parameters)
         n_latent = saved.z.shape[1]
-        mean = saved.q[:, :n_latent].clone()
+        mean = saved.encoder.q[:, :n_latent].clone()
         return loss, reconstruction, kl, saved.z.clone(), mean, saved.var.clone()
 
     @staticmethod

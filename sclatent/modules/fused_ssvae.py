@@ -8,9 +8,11 @@ this pass (``benchmarks/probe_semi_supervised_step.py``). Here they are computed
 handful of matmuls and the native BatchNorm/ReLU and Gaussian-head kernels, their gradients by the
 chain rule written out below, and the count VAE's part (M1) by the fused pass of
 :mod:`sclatent.modules.fused_elbo`, which takes back the gradients sent into ``z1``, its mean and
-variance. No autograd graph is built but for the classification term on a labelled minibatch
-(scANVI's ``classification_ratio`` term: an encoder pass on other cells), which autograd
-differentiates and adds to the gradients written here.
+variance. scANVI's classification term (``classification_ratio`` times the classifier's
+cross-entropy on a minibatch of labelled cells, another encoder pass) is written out too, with
+the encoder's own pieces (:func:`sclatent.modules.fused_elbo.encoder_forward` and
+``encoder_backward``): no autograd graph is built (a semi-supervised step 1.13-1.15x faster than
+with that term through autograd, ``benchmarks/probe_classification_term.py``).
 
 It is the module's own objective, :meth:`SemiSupervisedVAEModule.loss
 <sclatent.modules.SemiSupervisedVAEModule.loss>`: the same loss, terms, gradient of every
@@ -143,7 +145,7 @@ def specs(module, batch: MiniBatch) -> tuple[FusedSpec, SemiSupervisedSpec] | No
     """The M1 and M2 specs for this minibatch, or None when the call must take autograd (see
     :func:`sclatent.modules.fused_elbo.fused_spec`)."""
     m1 = fused_elbo.fused_spec(module.vae, batch)
-    if m1 is None:
+    if m1 is None or (batch.labelled is not None and not fused_elbo.batch_applies(batch.labelled)):
         return None
     m2 = _cached_structure(module)
     return None if m2 is None else (m1, m2)
@@ -180,20 +182,13 @@ def loss_and_gradients(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: Min
     _, reconstruction, _, saved = fused_elbo.forward_pass(m1, batch, 0.0)
     z1, var = saved.z, saved.var
     n_latent = z1.shape[1]
-    deviation = z1 - saved.q[:, :n_latent]
+    deviation = z1 - saved.encoder.q[:, :n_latent]
     log_q_z1 = -0.5 * (_LOG_2PI + torch.log(var) + deviation.square() / var).sum(1)
 
     m2_forward = _m2_forward(kernel, m2, z1, n_labels)
     class_kls = (log_q_z1.repeat(n_labels) + m2_forward["kl_rows"]).view(n_labels, n_cells).t()  # (B, K)
 
-    # classifier q(y | z1): Linear -> ReLU -> dropout -> Linear
-    hidden_pre = torch.addmm(m2.classifier_hidden.bias, z1, m2.classifier_hidden.weight.t())
-    gate = (hidden_pre > 0).to(hidden_pre.dtype)
-    p = _drop_probability(m2.classifier_dropout)
-    if p > 0:
-        gate.mul_(native_dropout_mask(kernel, tuple(hidden_pre.shape), p))
-    hidden = hidden_pre * gate
-    logits = torch.addmm(m2.classifier_out.bias, hidden, m2.classifier_out.weight.t())
+    logits, classifier_state = _classifier_forward(kernel, m2, z1)
     log_q_y = torch.log_softmax(logits, dim=-1)
     q_y = log_q_y.exp()
 
@@ -205,9 +200,9 @@ def loss_and_gradients(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: Min
     labelled_kl = class_kls.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1) - log_prior_y
     kl = torch.where(labelled, labelled_kl, unlabelled_kl)
 
-    # the classification term (another minibatch's encoder pass): autograd, after the draws above
-    with torch.enable_grad():
-        cross_entropy, accuracy = module.classification_loss(batch)
+    # the classification term (another minibatch's encoder pass), after the draws above
+    classification = _classification_term(module, m1, m2, batch)
+    cross_entropy, accuracy = classification[:2]
     loss = torch.mean(reconstruction + kl_weight * kl) + module.classification_ratio * cross_entropy.detach()
 
     # ---- backward
@@ -224,15 +219,8 @@ def loss_and_gradients(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: Min
     grad_mean = precision_deviation * scale
     grad_var = (precision_deviation.square() - 1.0 / var) * (0.5 * scale)
 
-    out_layer, inner = m2.classifier_out, m2.classifier_hidden
-    grad_hidden_pre = (grad_logits @ out_layer.weight).mul_(gate)
-    classifier_grads = [
-        _grad_if(inner.weight, lambda: grad_hidden_pre.t() @ z1),
-        _grad_if(inner.bias, lambda: grad_hidden_pre.sum(0)),
-        _grad_if(out_layer.weight, lambda: grad_logits.t() @ hidden),
-        _grad_if(out_layer.bias, lambda: grad_logits.sum(0)),
-    ]
-    grad_z1.addmm_(grad_hidden_pre, inner.weight)
+    grad_z1_classifier, classifier_grads = _classifier_backward(m2, grad_logits, z1, *classifier_state)
+    grad_z1.add_(grad_z1_classifier)
 
     weight_rec = torch.full((n_cells,), 1.0 / n_cells)
     m1_grads = fused_elbo.backward_pass(
@@ -240,13 +228,86 @@ def loss_and_gradients(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: Min
     )
     fused_elbo.write_gradients(m1.parameters(), m1_grads)
     fused_elbo.write_gradients(m2.parameters(), m2_grads + classifier_grads)
-    if cross_entropy.requires_grad:  # autograd adds it to the gradients written above
-        with torch.enable_grad():
-            (module.classification_ratio * cross_entropy).backward()
+    _add_classification_gradients(m1, m2, classification)
 
     per_cell = torch.ones_like(reconstruction)
     extra = {"classification": per_cell * cross_entropy.detach(), "accuracy": per_cell * accuracy}
     return LossOutput.variational(loss, reconstruction, kl, extra)
+
+
+def _classifier_forward(kernel, m2: SemiSupervisedSpec, z: torch.Tensor):
+    """``q(y | z)``'s logits ``(B, K)`` (Linear -> ReLU -> dropout -> Linear; draws the dropout mask
+    in training) and what :func:`_classifier_backward` reads: ``(hidden, gate)``."""
+    hidden_pre = torch.addmm(m2.classifier_hidden.bias, z, m2.classifier_hidden.weight.t())
+    gate = (hidden_pre > 0).to(hidden_pre.dtype)
+    p = _drop_probability(m2.classifier_dropout)
+    if p > 0:
+        gate.mul_(native_dropout_mask(kernel, tuple(hidden_pre.shape), p))
+    hidden = hidden_pre * gate
+    logits = torch.addmm(m2.classifier_out.bias, hidden, m2.classifier_out.weight.t())
+    return logits, (hidden, gate)
+
+
+def _classifier_backward(
+    m2: SemiSupervisedSpec, grad_logits: torch.Tensor, z: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``(grad_z (B, L), [the classifier's four gradients])`` from the logits' gradient ``(B, K)``."""
+    out_layer, inner = m2.classifier_out, m2.classifier_hidden
+    grad_hidden_pre = (grad_logits @ out_layer.weight).mul_(gate)
+    grads = [
+        _grad_if(inner.weight, lambda: grad_hidden_pre.t() @ z),
+        _grad_if(inner.bias, lambda: grad_hidden_pre.sum(0)),
+        _grad_if(out_layer.weight, lambda: grad_logits.t() @ hidden),
+        _grad_if(out_layer.bias, lambda: grad_logits.sum(0)),
+    ]
+    return grad_hidden_pre @ inner.weight, grads
+
+
+def _classification_term(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: MiniBatch) -> tuple:
+    """scANVI's classification term, :meth:`SemiSupervisedVAEModule.classification_loss`, by hand:
+    ``(cross_entropy, accuracy, gradients)``. The cells are the attached labelled minibatch's (else
+    the minibatch's own labelled ones): the encoder's posterior mean of each (an encoder pass of
+    its own, with its dropout draw, BatchNorm update and the sample the encoder module draws), then
+    the classifier. ``gradients`` are those of ``classification_ratio * cross_entropy``: the
+    encoder's (:func:`sclatent.modules.fused_elbo.encoder_backward`) and the classifier's; None
+    without labelled cells (nothing is drawn then, as in the module)."""
+    source = batch.labelled if batch.labelled is not None else batch
+    labels = source.label_index
+    labelled = labels >= 0
+    zero = torch.zeros(())
+    if not bool(labelled.any()):
+        return zero, zero, None
+    n_latent = module.n_latent
+    encoder, _ = fused_elbo.encoder_forward(m1, source)
+    torch.randn(source.size, n_latent)  # the sample the encoder module draws (unused), so the generator moves alike
+    everyone = bool(labelled.all())
+    mean = encoder.q[:, :n_latent]
+    z = mean if everyone else mean[labelled]
+    targets = labels if everyone else labels[labelled]
+    logits, classifier_state = _classifier_forward(m1.kernel, m2, z)
+    log_q = torch.log_softmax(logits, dim=-1)
+    cross_entropy = -log_q.gather(1, targets.unsqueeze(1)).mean()
+    accuracy = (logits.argmax(-1) == targets).to(logits.dtype).mean()
+    grad_logits = log_q.exp_()
+    grad_logits[torch.arange(len(targets)), targets] -= 1.0
+    grad_logits.mul_(module.classification_ratio / len(targets))
+    grad_z, classifier_grads = _classifier_backward(m2, grad_logits, z, *classifier_state)
+    grad_q = torch.zeros_like(encoder.q)
+    if everyone:
+        grad_q[:, :n_latent] = grad_z
+    else:
+        grad_q[labelled, :n_latent] = grad_z
+    encoder_grads = fused_elbo.encoder_backward(m1, encoder, grad_q)
+    return cross_entropy, accuracy, (encoder_grads, classifier_grads)
+
+
+def _add_classification_gradients(m1: FusedSpec, m2: SemiSupervisedSpec, classification: tuple) -> None:
+    """Add the classification term's gradients (:func:`_classification_term`) to those written."""
+    gradients = classification[2]
+    if gradients is not None:
+        encoder_grads, classifier_grads = gradients
+        fused_elbo.add_gradients(m1.parameters()[: len(encoder_grads)], encoder_grads)
+        fused_elbo.add_gradients(m2.parameters()[-len(classifier_grads) :], classifier_grads)
 
 
 def _m2_forward(kernel, m2: SemiSupervisedSpec, z1: torch.Tensor, n_labels: int) -> dict[str, torch.Tensor]:

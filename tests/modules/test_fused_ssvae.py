@@ -157,6 +157,17 @@ def test_other_configurations_train_through_autograd(cells, options):
     assert fused_ssvae.specs(module, _minibatch(cells)) is None
 
 
+
+def test_a_labelled_minibatch_the_pass_cannot_take_sends_the_step_to_autograd(cells):
+    """The classification term's encoder pass is the fused one too: a one-cell labelled minibatch
+    (a training BatchNorm cannot take it) must not reach it, the whole step takes autograd."""
+    module = _module()
+    batch = _minibatch(cells)
+    assert fused_ssvae.specs(module, batch) is not None
+    batch.labelled = cells.gather(torch.as_tensor([int(np.flatnonzero(cells.label_index.numpy() >= 0)[0])]))
+    assert batch.labelled.size == 1
+    assert fused_ssvae.specs(module, batch) is None
+
 def test_training_follows_the_autograd_path(monkeypatch):
     """Three epochs of seeded semi-supervised training through each path end at the same ELBO."""
     adata = sclatent.datasets.synthetic(n_cells=240, n_genes=40, n_clusters=3, n_batches=2, seed=1)
