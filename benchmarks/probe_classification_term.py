@@ -66,10 +66,10 @@ def main() -> None:
 
     def term_by_autograd(module, m1, m2, batch):
         with torch.enable_grad():
-            return (*module.classification_loss(batch), None)
+            return fused_ssvae._ClassificationTerm(*module.classification_loss(batch), None)
 
-    def add_by_autograd(m1, m2, classification):
-        cross_entropy = classification[0]
+    def add_by_autograd(m1, m2, term):
+        cross_entropy = term.cross_entropy
         if cross_entropy.requires_grad:
             with torch.enable_grad():
                 (module.classification_ratio * cross_entropy).backward()

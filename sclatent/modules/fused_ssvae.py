@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -202,7 +203,7 @@ def loss_and_gradients(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: Min
 
     # the classification term (another minibatch's encoder pass), after the draws above
     classification = _classification_term(module, m1, m2, batch)
-    cross_entropy, accuracy = classification[:2]
+    cross_entropy, accuracy = classification.cross_entropy, classification.accuracy
     loss = torch.mean(reconstruction + kl_weight * kl) + module.classification_ratio * cross_entropy.detach()
 
     # ---- backward
@@ -263,9 +264,16 @@ def _classifier_backward(
     return grad_hidden_pre @ inner.weight, grads
 
 
-def _classification_term(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: MiniBatch) -> tuple:
+class _ClassificationTerm(NamedTuple):
+    cross_entropy: torch.Tensor  # mean over the labelled cells, ()
+    accuracy: torch.Tensor  # the classifier's, on the same cells, ()
+    # of classification_ratio * cross_entropy: (the encoder's, the classifier's), or None
+    gradients: tuple[list[torch.Tensor | None], list[torch.Tensor | None]] | None
+
+
+def _classification_term(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: MiniBatch) -> _ClassificationTerm:
     """scANVI's classification term, :meth:`SemiSupervisedVAEModule.classification_loss`, by hand:
-    ``(cross_entropy, accuracy, gradients)``. The cells are the attached labelled minibatch's (else
+    its cross-entropy, accuracy and gradients. The cells are the attached labelled minibatch's (else
     the minibatch's own labelled ones): the encoder's posterior mean of each (an encoder pass of
     its own, with its dropout draw, BatchNorm update and the sample the encoder module draws), then
     the classifier. ``gradients`` are those of ``classification_ratio * cross_entropy``: the
@@ -276,7 +284,7 @@ def _classification_term(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: M
     labelled = labels >= 0
     zero = torch.zeros(())
     if not bool(labelled.any()):
-        return zero, zero, None
+        return _ClassificationTerm(zero, zero, None)
     n_latent = module.n_latent
     encoder, _ = fused_elbo.encoder_forward(m1, source)
     torch.randn(source.size, n_latent)  # the sample the encoder module draws (unused), so the generator moves alike
@@ -298,14 +306,13 @@ def _classification_term(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: M
     else:
         grad_q[labelled, :n_latent] = grad_z
     encoder_grads = fused_elbo.encoder_backward(m1, encoder, grad_q)
-    return cross_entropy, accuracy, (encoder_grads, classifier_grads)
+    return _ClassificationTerm(cross_entropy, accuracy, (encoder_grads, classifier_grads))
 
 
-def _add_classification_gradients(m1: FusedSpec, m2: SemiSupervisedSpec, classification: tuple) -> None:
+def _add_classification_gradients(m1: FusedSpec, m2: SemiSupervisedSpec, term: _ClassificationTerm) -> None:
     """Add the classification term's gradients (:func:`_classification_term`) to those written."""
-    gradients = classification[2]
-    if gradients is not None:
-        encoder_grads, classifier_grads = gradients
+    if term.gradients is not None:
+        encoder_grads, classifier_grads = term.gradients
         fused_elbo.add_gradients(m1.parameters()[: len(encoder_grads)], encoder_grads)
         fused_elbo.add_gradients(m2.parameters()[-len(classifier_grads) :], classifier_grads)
 
