@@ -27,12 +27,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_label_transfer as bench
-
-NEIGHBOURS = 15
 
 
 class KLWeightOnePipeline(bench.SclatentPipeline):
@@ -40,14 +36,6 @@ class KLWeightOnePipeline(bench.SclatentPipeline):
 
     def _train_kwargs(self, epochs: int) -> dict:
         return {**super()._train_kwargs(epochs), "max_kl_weight": 1.0}
-
-
-def neighbour_vote(proba: np.ndarray, latent: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
-    """Each row of ``proba`` averaged over the ``k`` nearest rows of ``latent`` (itself included)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    neighbours = NearestNeighbors(n_neighbors=k).fit(latent).kneighbors(latent, return_distance=False)
-    return proba[neighbours].mean(axis=1)
 
 
 def main() -> None:
@@ -68,7 +56,7 @@ def main() -> None:
         report(seed, "default", scores)
 
         proba, classes = pipe.proba(model, prepared)
-        voted = neighbour_vote(proba, pipe.latent(model, prepared))
+        voted = bench.neighbour_vote(proba, pipe.latent(model, prepared))
         scored = prep["scored"]
         vote = bench.score(
             voted[scored], classes, prep["query_coarse"][scored], prep["target_classes"], prep["class_map"]
