@@ -288,10 +288,7 @@ def _classification_term(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: M
     n_latent = module.n_latent
     encoder, _ = fused_elbo.encoder_forward(m1, source)
     torch.randn(source.size, n_latent)  # the sample the encoder module draws (unused), so the generator moves alike
-    everyone = bool(labelled.all())
-    mean = encoder.q[:, :n_latent]
-    z = mean if everyone else mean[labelled]
-    targets = labels if everyone else labels[labelled]
+    z, targets = encoder.q[labelled, :n_latent], labels[labelled]
     logits, classifier_state = _classifier_forward(m1.kernel, m2, z)
     log_q = torch.log_softmax(logits, dim=-1)
     cross_entropy = -log_q.gather(1, targets.unsqueeze(1)).mean()
@@ -301,10 +298,7 @@ def _classification_term(module, m1: FusedSpec, m2: SemiSupervisedSpec, batch: M
     grad_logits.mul_(module.classification_ratio / len(targets))
     grad_z, classifier_grads = _classifier_backward(m2, grad_logits, z, *classifier_state)
     grad_q = torch.zeros_like(encoder.q)
-    if everyone:
-        grad_q[:, :n_latent] = grad_z
-    else:
-        grad_q[labelled, :n_latent] = grad_z
+    grad_q[labelled, :n_latent] = grad_z
     encoder_grads = fused_elbo.encoder_backward(m1, encoder, grad_q)
     return _ClassificationTerm(cross_entropy, accuracy, (encoder_grads, classifier_grads))
 
