@@ -82,11 +82,38 @@ class TrainingPlan:
         return self.max_kl_weight * min(1.0, progress / self.kl_warmup_epochs)
 
 
-def split_cells(cells: np.ndarray, train_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random split of ``cells`` into training and validation indices (both sorted)."""
+def split_cells(
+    cells: np.ndarray, train_size: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split of ``cells`` into training and validation indices (both sorted).
+
+    Parameters
+    ----------
+    cells
+        ``(n,)`` cell indices.
+    train_size
+        Fraction kept for training, in (0, 1].
+    seed
+        Seed of the permutation.
+    groups
+        Optional ``(n,)`` group of each cell (e.g. its class, -1 for unlabelled cells). Given, each
+        group is split on its own and keeps ``ceil(train_size * n_group)`` training cells, so no
+        group loses all its cells to validation (a class with one labelled cell trains on it).
+    """
     if not 0.0 < train_size <= 1.0:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != np.shape(cells):
+            raise ValueError(f"groups must have one entry per cell: {groups.shape} vs {np.shape(cells)}.")
+        train, validation = [], []
+        for group in np.unique(groups):
+            order = rng.permutation(np.asarray(cells)[groups == group])
+            n_train = math.ceil(train_size * order.size)
+            train.append(order[:n_train])
+            validation.append(order[n_train:])
+        return np.sort(np.concatenate(train)), np.sort(np.concatenate(validation))
     order = rng.permutation(cells)
     # at least two training cells: a minibatch of one cannot be batch-normalised
     n_train = len(cells) if train_size == 1.0 else max(2, min(len(cells) - 1, math.ceil(train_size * len(cells))))

@@ -132,6 +132,13 @@ class BaseModel(Model):
             raise IndexError(f"indices must lie in [0, {data.n_cells}).")
         return indices.astype(np.int64)
 
+    def _split_cells(
+        self, data: CellData, cells: np.ndarray, train_size: float, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Training and validation cells of :meth:`train` (:func:`sclatent.train.split_cells`); a
+        subclass may split per group of cells (the semi-supervised VAE: per class)."""
+        return split_cells(cells, train_size, seed)
+
     def _training_data(self, data: CellData, seed: int) -> TrainingData:
         """What the trainer iterates over: ``data`` itself unless a subclass wraps it.
 
@@ -284,7 +291,7 @@ class BaseModel(Model):
                 f"Need at least three cells with counts to train (found {len(cells)}): BatchNorm needs two "
                 "cells per minibatch."
             )
-        self.train_indices, self.validation_indices = split_cells(cells, train_size, seed)
+        self.train_indices, self.validation_indices = self._split_cells(data, cells, train_size, seed)
         data = self._training_data(data, seed)
         max_epochs = default_max_epochs(data.n_cells) if max_epochs is None else int(max_epochs)
         if max_epochs < 1:

@@ -15,6 +15,7 @@ from ..data import setup_anndata as _setup_anndata
 from ..data.labelled import LabelledData
 from ..metrics.calibration import fit_temperature
 from ..modules.ssvae import _CORE_FIELDS, SemiSupervisedVAEHyperparameters, SemiSupervisedVAEModule
+from ..train import split_cells
 from ._base import BaseModel
 from ._expression import CountExpressionOutputs
 from .vae import VAE, count_vae_module_kwargs
@@ -237,6 +238,15 @@ class SemiSupervisedVAE(CountExpressionOutputs, BaseModel):
 
     # ----------------------------------------------------------------- training
 
+    def _split_cells(self, data: CellData, cells: np.ndarray, train_size: float, seed: int):
+        """Split each class's labelled cells, and the unlabelled cells, on their own (rounding the
+        training share up), so every class keeps at least one labelled training cell. A random
+        split of all cells sends a class's only labelled cell to validation with probability
+        ``1 - train_size``; the classifier then never sees the class. (scANVI splits labelled and
+        unlabelled cells apart, rounding up likewise, but not per class.)"""
+        labels = data.label_index[torch.as_tensor(cells, device=data.device)].cpu().numpy()
+        return split_cells(cells, train_size, seed, groups=labels)
+
     def _training_data(self, data: CellData, seed: int):
         """The cells, with a minibatch of labelled training cells attached to every training step."""
         labels = data.label_index[torch.as_tensor(self.train_indices, device=data.device)].cpu().numpy()
@@ -248,9 +258,11 @@ class SemiSupervisedVAE(CountExpressionOutputs, BaseModel):
 
         Parameters as :meth:`sclatent.model.VAE.train`; ``max_epochs`` defaults to
         ``FROM_VAE_EPOCHS`` (20) for a model made by :meth:`from_vae` (only the classifier and M2
-        start from scratch), else to the VAE's default. A cell without a label never contributes a
-        classification loss. After training, the temperature ``T`` of :meth:`predict` is fitted by
-        maximum likelihood on the labelled cells among ``validation_indices`` (at least
+        start from scratch), else to the VAE's default. ``train_size`` applies to each class's
+        labelled cells and to the unlabelled cells apart, rounded up, so every class keeps at least
+        one labelled training cell. A cell without a label never contributes a classification
+        loss. After training, the temperature ``T`` of :meth:`predict` is fitted by maximum
+        likelihood on the labelled cells among ``validation_indices`` (at least
         ``MIN_CALIBRATION_CELLS`` (20) of them; else ``T`` stays 1, with a warning);
         ``model.calibration`` records how. A query model whose classifier is frozen
         (:meth:`~sclatent.model.BaseModel.load_query_data`) keeps the reference's temperature instead.

@@ -368,23 +368,56 @@ def test_module_needs_two_classes():
         SemiSupervisedVAEModule(n_genes=10, n_labels=1)
 
 
-def test_one_labelled_training_cell_trains():
-    """Two labelled cells, one of them held out: the labelled minibatch attached to every step must
-    still be batch-normalisable (regression: it had one cell, and BatchNorm refused it)."""
+def test_split_cells_by_group_rounds_each_group_up():
+    """Grouped split: each group keeps ceil(train_size * n) training cells (a one-cell group
+    keeps its cell), the parts partition the cells, and the seed decides the rest."""
+    cells = np.arange(10, 40)
+    groups = np.array([0] + [1] * 9 + [-1] * 20)
+    train, validation = split_cells(cells, 0.9, seed=3, groups=groups)
+    assert np.array_equal(np.sort(np.concatenate([train, validation])), cells)
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(validation) > 0)
+    in_train = np.isin(cells, train)
+    assert [int(in_train[groups == g].sum()) for g in (0, 1, -1)] == [1, 9, 18]
+    again = split_cells(cells, 0.9, seed=3, groups=groups)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], validation)
+    assert any(not np.array_equal(split_cells(cells, 0.9, seed=s, groups=groups)[1], validation) for s in range(4, 8))
+    assert split_cells(cells, 1.0, seed=3, groups=groups)[1].size == 0
+    with pytest.raises(ValueError, match="one entry per cell"):
+        split_cells(cells, 0.9, seed=3, groups=groups[:-1])
+
+
+def test_every_class_keeps_its_labelled_training_cell():
+    """One labelled cell per class: training keeps both whatever the seed (the regression: the
+    split of all cells held a class's only labelled cell out on some seeds, and the classifier
+    never saw the class); the unlabelled cells are split 90/10 on their own."""
     adata, truth, _ = _partial(n_cells=100, n_genes=30, n_clusters=2, n_batches=1, fraction=0.0)
     first = [np.flatnonzero(truth == t)[0] for t in ("type_0", "type_1")]
     adata.obs.iloc[first, adata.obs.columns.get_loc("partial")] = truth[first]
-    seed = next(s for s in range(100) if np.isin(first, split_cells(np.arange(100), 0.9, s)[0]).sum() == 1)
+    lossy = [s for s in range(50) if np.isin(first, split_cells(np.arange(100), 0.9, s)[1]).any()]
+    assert lossy, "no seed of the ungrouped split holds a labelled cell out: the test shows nothing"
     SemiSupervisedVAE.setup_anndata(adata, labels_key="partial")
     model = SemiSupervisedVAE(adata, **SMALL)
     with pytest.warns(UserWarning, match="calibrated"):
-        model.train(max_epochs=2, seed=seed, **TRAIN)
+        model.train(max_epochs=20, seed=lossy[0], **TRAIN)
+    assert np.isin(first, model.train_indices).all()
+    assert (len(model.train_indices), len(model.validation_indices)) == (2 + 89, 9)  # ceil(0.9 * 98) = 89
     assert all(np.isfinite(v).all() for v in model.history.values())
     assert model.temperature == 1.0
-    # the attached minibatch repeats the one cell (drawn with replacement) rather than holding it alone
-    wrapped = LabelledData(model._data(), np.array(first[:1]))
+    assert list(model.predict(adata[first])) == ["type_0", "type_1"]
+
+
+def test_attached_minibatch_repeats_a_single_labelled_cell():
+    """A labelled minibatch drawn from one labelled cell repeats it (drawn with replacement) rather
+    than holding it alone, which BatchNorm would refuse (regression)."""
+    adata, truth, _ = _partial(n_cells=100, n_genes=30, n_clusters=2, n_batches=1, fraction=0.0)
+    first = int(np.flatnonzero(truth == "type_0")[0])
+    adata.obs.iloc[[first], adata.obs.columns.get_loc("partial")] = "type_0"
+    adata.obs.iloc[[int(np.flatnonzero(truth == "type_1")[0])], adata.obs.columns.get_loc("partial")] = "type_1"
+    SemiSupervisedVAE.setup_anndata(adata, labels_key="partial")
+    model = SemiSupervisedVAE(adata, **SMALL)
+    wrapped = LabelledData(model._data(), np.array([first]))
     draws = wrapped.iterate(np.arange(20), 10, shuffle=True, generator=torch.Generator().manual_seed(0))
-    assert [b.labelled.cell_index.tolist() for b in draws] == [[first[0]] * 2] * 2
+    assert [b.labelled.cell_index.tolist() for b in draws] == [[first] * 2] * 2
 
 
 # --------------------------------------------------------------------------- label recovery
